@@ -1,0 +1,43 @@
+# `make demo` and `make test` each do the whole set-up on a fresh Debian machine, idempotently:
+# system packages (apt-get), the virtualenv in .venv, the package with pinned versions.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := sox libsox-fmt-all fluidsynth
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test setup system ui clean
+
+demo: setup
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+setup: system $(VENV)/.installed
+
+system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	[ -x $(BIN)/python ] || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+ui: setup
+	$(BIN)/presto ui
+
+clean:
+	rm -rf artifacts checkpoints .presto .mlflow .prefect

@@ -1,0 +1,122 @@
+"""The `presto` command. Heavy libraries are imported inside commands, so `--help` is instant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.env import configure, project_root
+from stages.specs import STAGES
+
+app = typer.Typer(
+    help="presto: train a text-to-music latent diffusion model on your corpus and distil it with "
+         "Presto! (step + layer distillation). `dvc repro` runs the whole DAG; these commands run or "
+         "inspect its parts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+STAGE_HELP = "\n\n".join(f"{s.name}: {s.help}" for s in STAGES)
+
+
+def _root() -> Path:
+    root = project_root()
+    configure(root)
+    return root
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command(help=f"Run one stage now with the current params (what `dvc repro` calls).\n\n{STAGE_HELP}")
+def stage(name: Annotated[str, typer.Argument(help="stage name, see below")]) -> None:
+    from presto.errors import PrestoError
+    from stages.specs import BY_NAME
+
+    if name not in BY_NAME:
+        _fail(f"unknown stage {name!r}; stages are: {', '.join(BY_NAME)}")
+    root = _root()
+    from presto.config import load_params
+
+    try:
+        load_params(root / "params.yaml")  # fail in a second, before Prefect and Ray start
+        from flows.stage_flow import run
+
+        metrics = run(name, root)
+    except PrestoError as err:
+        _fail(f"stage {name}: {err}")
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    typer.echo(f"stage {name} done: {shown}")
+
+
+@app.command(help="Check params.yaml (or another file): every key known, every value allowed.")
+def params(file: Annotated[Path, typer.Option(help="params file to check")] = Path("params.yaml")) -> None:
+    from presto.config import load_params
+    from presto.errors import ParamsError
+
+    root = _root()
+    path = file if file.is_absolute() else Path.cwd() / file
+    try:
+        p = load_params(path, root)
+    except ParamsError as err:
+        _fail(str(err))
+    typer.echo(f"{file}: ok (profile {p.shared.profile})")
+
+
+@app.command(help="Apply a profile (demo, science, gpu, paper) from profiles/<name>.yaml onto params.yaml.")
+def profile(name: Annotated[str, typer.Argument(help="demo | science | gpu | paper")]) -> None:
+    from flows.profiles import apply_profile
+    from presto.errors import ParamsError
+
+    root = _root()
+    try:
+        changed = apply_profile(root, name)
+    except ParamsError as err:
+        _fail(str(err))
+    typer.echo(f"params.yaml: profile {name} applied ({len(changed)} values changed)")
+    for key in changed:
+        typer.echo(f"  {key}")
+
+
+@app.command(help="Write dvc.yaml from stages/specs.py (with --check: fail if it is out of date).")
+def dag(check: Annotated[bool, typer.Option(help="only check, do not write")] = False) -> None:
+    from flows.dag import render
+
+    root = _root()
+    text = render()
+    path = root / "dvc.yaml"
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            _fail("dvc.yaml is out of date with stages/specs.py; run `presto dag`", 1)
+        typer.echo("dvc.yaml is current")
+        return
+    path.write_text(text)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(help="Serve the MLflow UI for this project's runs on 127.0.0.1.")
+def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> None:
+    _root()
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", uri]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()]
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

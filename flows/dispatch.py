@@ -1,0 +1,111 @@
+"""Where a stage's compute runs: a local Ray when RAY_ADDRESS is unset, the cluster when it is set.
+
+- RAY_ADDRESS unset: `ray.init` starts a local Ray bound to 127.0.0.1; the stage body runs as a Ray task
+  holding the stage's CPUs/GPUs from params (and fans out further tasks itself).
+- RAY_ADDRESS=ray://... or host:port: this process joins the cluster as a driver; same task.
+- RAY_ADDRESS=http://host:8265: the Ray Jobs API: the stage is submitted as a job whose entrypoint joins the
+  cluster from a cluster node and runs the same task (`python -m flows.dispatch`); logs are streamed back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from presto.errors import PrestoError
+
+
+class InfraError(RuntimeError):
+    """Ray lost a worker, a node or the connection: worth a bounded retry."""
+
+
+def ray_init() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in ("PRESTO_ROOT", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE",
+                                          "TRANSFORMERS_OFFLINE", "PYTHONWARNINGS") if k in os.environ}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env_vars}, configure_logging=False)
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """Turn Ray's wrappers back into what happened: the stage's own error, or an infrastructure failure."""
+    import ray.exceptions as rex
+
+    if isinstance(err, rex.RayTaskError):
+        cause = err.cause if err.cause is not None else err
+        return cause
+    if isinstance(err, (rex.RayError, ConnectionError)):
+        return InfraError(f"{type(err).__name__}: {err}")
+    return err
+
+
+def run_on_ray(stage: str, root: Path, tracker: Any, fp: str, cpus: float, gpus: float) -> dict[str, Any]:
+    """Run `stages.runner.execute` for one stage as a Ray task and wait for its metrics."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("http://") or address.startswith("https://"):
+        return _submit_job(address, stage, root, tracker, fp, cpus, gpus)
+    import ray
+
+    from stages.runner import execute
+
+    ray_init()
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
+    try:
+        return ray.get(task.remote(stage, str(root), tracker, fp))
+    except Exception as err:  # noqa: BLE001 - re-raised as what it really is
+        raise _unwrap(err) from None
+
+
+def _submit_job(address: str, stage: str, root: Path, tracker: Any, fp: str, cpus: float,
+                gpus: float) -> dict[str, Any]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    spec = json.dumps({"stage": stage, "root": str(root), "tracking_uri": tracker.tracking_uri,
+                       "run_id": tracker.run_id, "fp": fp, "cpus": cpus, "gpus": gpus})
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m flows.dispatch '{spec}'",
+        runtime_env={"env_vars": {"RAY_ADDRESS": "auto", "PRESTO_ROOT": str(root)}},
+        metadata={"presto.stage": stage, "presto.run_id": tracker.run_id},
+    )
+    import asyncio
+
+    async def _tail() -> None:
+        async for lines in client.tail_job_logs(job):
+            print(lines, end="", flush=True)
+
+    asyncio.run(_tail())
+    status = client.get_job_status(job)
+    if status != JobStatus.SUCCEEDED:
+        logs = client.get_job_logs(job)
+        if "PrestoError" in logs or "ParamsError" in logs or "InputError" in logs or "DivergenceError" in logs:
+            raise PrestoError(f"stage {stage} failed on the cluster (job {job}); see its log above")
+        raise InfraError(f"stage {stage}: Ray job {job} ended {status}")
+    metrics_file = root / "artifacts" / stage / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def _job_main(spec_json: str) -> None:
+    """Entrypoint of a Ray job: runs on a cluster node, joins the cluster and runs the stage task."""
+    from flows.tracking import MlflowTracker
+
+    spec = json.loads(spec_json)
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_ADDRESS"] = "auto"
+    tracker = MlflowTracker(spec["tracking_uri"], spec["run_id"])
+    metrics = run_on_ray(spec["stage"], Path(spec["root"]), tracker, spec["fp"], spec["cpus"], spec["gpus"])
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    _job_main(sys.argv[1])

@@ -1,0 +1,49 @@
+"""Process environment for every command: project root, telemetry off, state folders inside the project."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Offline hygiene: no analytics, no update checks, no hub downloads. Set before any of these libraries
+# is imported (some read their settings at import time).
+OFFLINE_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def project_root(start: Path | None = None) -> Path:
+    """PRESTO_ROOT, else the nearest folder upwards holding params.yaml and dvc.yaml."""
+    if os.environ.get("PRESTO_ROOT"):
+        return Path(os.environ["PRESTO_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+def configure(root: Path) -> None:
+    """Defaults only: anything the user exported (a Prefect server, an MLflow server, a Ray cluster) wins."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PRESTO_ROOT", str(root))
+    # Prefect without a server runs an ephemeral one whose database lives in PREFECT_HOME.
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
+
+
+def mlflow_dir(root: Path) -> Path:
+    return root / ".mlflow"
+
+
+def default_tracking_uri(root: Path) -> str:
+    # Absolute: MLflow's defaults are relative to the current folder.
+    return f"sqlite:///{mlflow_dir(root) / 'mlflow.db'}"

@@ -1,0 +1,170 @@
+"""MLflow: one run per executed stage, grouped under a parent run per pipeline invocation.
+
+The runs of one `dvc repro` share its invocation id (the dvc process that started them), so they
+nest under one parent run; each stage run records the runs that produced its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.env import default_tracking_uri, mlflow_dir
+
+EXPERIMENT = "presto"
+TAG_STAGE = "presto.stage"
+TAG_INVOCATION = "presto.invocation"
+TAG_FINGERPRINT = "presto.fingerprint"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def experiment_id(root: Path) -> str:
+    client = _client()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if os.environ["MLFLOW_TRACKING_URI"] == default_tracking_uri(root):
+        artifacts = mlflow_dir(root) / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        location = artifacts.as_uri()
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:  # created concurrently by another stage process
+        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def _process_start(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def invocation_id() -> str | None:
+    """Id shared by the stage runs of one pipeline invocation.
+
+    PRESTO_INVOCATION_ID wins; otherwise the nearest `dvc repro`/`dvc exp` process above us (pid and
+    start time, so a recycled pid is a new invocation). None when run by hand outside DVC.
+    """
+    if os.environ.get("PRESTO_INVOCATION_ID"):
+        return os.environ["PRESTO_INVOCATION_ID"]
+    pid = os.getppid()
+    try:
+        while pid > 1:
+            words = _cmdline(pid).split()
+            if any(Path(w).name == "dvc" for w in words[:3]) and ("repro" in words or "exp" in words):
+                return f"dvc-{pid}-{_process_start(pid)}"
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:  # no /proc (not Linux) or the process is gone
+        return None
+    return None
+
+
+def parent_run(exp_id: str, invocation: str) -> str:
+    client = _client()
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_INVOCATION}` = '{invocation}' and tags.`presto.kind` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id,
+        run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={TAG_INVOCATION: invocation, "presto.kind": "pipeline"},
+    )
+    return run.info.run_id
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+@dataclass
+class MlflowTracker:
+    """The Tracker a stage body gets. Picklable: it carries ids, not connections, so it travels to Ray."""
+
+    tracking_uri: str
+    run_id: str
+    parent_run_id: str | None = None
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        if batch:
+            self._client().log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client().log_artifacts(self.run_id, str(path), subdir)
+        else:
+            self._client().log_artifact(self.run_id, str(path), subdir)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._client().log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        client = self._client()
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, v)
+
+
+def start_stage_run(root: Path, stage: str, params: dict[str, Any], fingerprint: str,
+                    upstream_runs: dict[str, str], extra_tags: dict[str, str]) -> MlflowTracker:
+    from mlflow.entities import Param
+
+    client = _client()
+    exp_id = experiment_id(root)
+    tags = {TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, "presto.kind": "stage",
+            "mlflow.source.git.commit": git_commit(root), **extra_tags}
+    tags.update({f"presto.upstream.{name}": run_id for name, run_id in upstream_runs.items()})
+    invocation = invocation_id()
+    parent = None
+    if invocation:
+        parent = parent_run(exp_id, invocation)
+        tags.update({TAG_INVOCATION: invocation, TAG_PARENT: parent})
+    run = client.create_run(exp_id, run_name=stage, tags=tags)
+    values = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for i in range(0, len(values), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run.info.run_id, params=values[i:i + 100])
+    return MlflowTracker(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id, parent)
+
+
+def end_stage_run(tracker: MlflowTracker, ok: bool) -> None:
+    """Close the stage run; the parent's status and end time follow its latest stage."""
+    client = _client()
+    status = "FINISHED" if ok else "FAILED"
+    client.set_terminated(tracker.run_id, status)
+    if tracker.parent_run_id:
+        client.set_terminated(tracker.parent_run_id, status)

@@ -1,0 +1,173 @@
+"""params.yaml: typed, validated at load, one clear line per mistake; profiles apply in one step."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.profiles import apply_profile, profile_names
+from presto.config import load_params, parse_params, select
+from presto.errors import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(data)
+    message = str(info.value)
+    assert "\n" not in message, "the message must be one line"
+    return message
+
+
+def test_defaults_load(repo: Path) -> None:
+    params = load_params(repo / "params.yaml")
+    assert params.shared.profile == "demo"
+    assert params.prepare.val_fraction + params.prepare.test_fraction < 1
+
+
+def test_unknown_key_is_named() -> None:
+    data = raw()
+    data["prepare"]["hop_secs"] = 2.0
+    msg = error_of(data)
+    assert "prepare.hop_secs" in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_key_and_value() -> None:
+    data = raw()
+    data["prepare"]["shard_clips"] = "many"
+    msg = error_of(data)
+    assert "prepare.shard_clips" in msg and "'many'" in msg and "integer" in msg
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "allowed"),
+    [
+        ("prepare", "shard_clips", 0, "greater than 0"),
+        ("shared", "clip_seconds", -4.0, "greater than 0"),
+        ("prepare", "val_fraction", 1.5, "less than or equal to 1"),
+        ("shared", "sample_rate", 100, "greater than or equal to 8000"),
+        ("demo_corpus", "tempo_range", [150, 60], "low <= high"),
+        ("augment", "stretch_rates", [1.0], "must not hold"),
+    ],
+)
+def test_impossible_values(section: str, key: str, value: object, allowed: str) -> None:
+    data = raw()
+    data[section][key] = value
+    msg = error_of(data)
+    assert allowed in msg
+    assert section in msg
+
+
+def test_missing_key() -> None:
+    data = raw()
+    del data["caption"]["per_clip"]
+    assert "caption.per_clip" in error_of(data)
+
+
+def test_missing_corpus_folder(tmp_path: Path) -> None:
+    data = raw()
+    data["prepare"]["corpus_dir"] = "no/such/folder"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=r"prepare.corpus_dir = 'no/such/folder': folder not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_missing_metadata_in_existing_corpus(tmp_path: Path) -> None:
+    data = raw()
+    (tmp_path / "corpus").mkdir()
+    data["prepare"].update(corpus_dir="corpus", metadata="meta.csv")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match="prepare.metadata"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_yaml_scientific_notation_reads_as_number() -> None:
+    data = raw()
+    data["prepare"]["silence_dbfs"] = "-4.5e1"  # what PyYAML gives for an exponent without a dot
+    assert parse_params(data).prepare.silence_dbfs == -45.0
+
+
+def test_select_flattens_with_dotted_names(repo: Path) -> None:
+    params = load_params(repo / "params.yaml")
+    flat = select(params, ["shared.seed", "augment"])
+    assert flat["shared.seed"] == params.shared.seed
+    assert flat["augment.resources.cpus"] == params.augment.resources.cpus
+    assert "prepare.hop_seconds" not in flat
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["science", "gpu", "paper"])
+def test_profiles_apply_validate_and_undo(tmp_path: Path, name: str) -> None:
+    root = _project_copy(tmp_path)
+    before = raw()
+    changed = apply_profile(root, name)
+    assert changed and "shared.profile" in changed
+    after = load_params(root / "params.yaml")
+    assert after.shared.profile == name
+    assert "# Every knob of the pipeline" in (root / "params.yaml").read_text(), "comments are kept"
+    apply_profile(root, "demo")
+    assert yaml.safe_load((root / "params.yaml").read_text()) == before
+
+
+def test_paper_profile_has_paper_audio(tmp_path: Path) -> None:
+    root = _project_copy(tmp_path)
+    apply_profile(root, "paper")
+    params = load_params(root / "params.yaml")
+    assert params.shared.sample_rate == 44100 and params.shared.clip_seconds == 32.0
+
+
+def test_demo_profile_covers_every_overridden_key() -> None:
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    demo = keys(yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text()))
+    for name in profile_names(REPO):
+        other = keys(yaml.safe_load((REPO / "profiles" / f"{name}.yaml").read_text()))
+        assert other <= demo, f"profiles/{name}.yaml changes keys demo.yaml cannot undo: {other - demo}"
+
+
+def test_unknown_profile(tmp_path: Path) -> None:
+    root = _project_copy(tmp_path)
+    with pytest.raises(ParamsError, match="unknown profile 'fast'"):
+        apply_profile(root, "fast")
+
+
+def test_profile_with_unknown_key_is_refused(tmp_path: Path) -> None:
+    root = _project_copy(tmp_path)
+    (root / "profiles" / "bad.yaml").write_text("prepare: {hop_secs: 1.0}\n")
+    original = (root / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="prepare.hop_secs"):
+        apply_profile(root, "bad")
+    assert (root / "params.yaml").read_text() == original
+
+
+def test_demo_values_match_params_yaml() -> None:
+    """Applying demo to the shipped params.yaml changes nothing: the two agree."""
+    demo = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
+    params = copy.deepcopy(raw())
+
+    def check(overlay: dict, target: dict, prefix: str) -> None:
+        for k, v in overlay.items():
+            if isinstance(v, dict):
+                check(v, target[k], f"{prefix}{k}.")
+            else:
+                assert target[k] == v, f"profiles/demo.yaml {prefix}{k}={v} but params.yaml has {target[k]}"
+
+    check(demo, params, "")

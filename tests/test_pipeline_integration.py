@@ -1,0 +1,142 @@
+"""The real thing on a tiny corpus: `dvc repro` runs each stage as a Prefect flow (ephemeral server),
+dispatched to a local Ray, recorded in MLflow on SQLite. No mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+DATA_STAGES = ["demo_corpus", "prepare", "augment", "caption"]
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "PREFECT_", "RAY_ADDRESS", "PRESTO_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def _run(cmd: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def _set_params(root: Path, **sections: dict) -> None:
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        data[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh project: the repository's pipeline files and code, git + DVC initialised, tiny params."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("presto", "stages", "flows", "profiles"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _run(["git", "init", "-q"], root)
+    _run(["dvc", "init", "-q"], root)
+    _run(["dvc", "config", "core.analytics", "false"], root)
+    _set_params(root,
+                demo_corpus={"minutes": 0.6, "max_piece_seconds": 12},
+                caption={"per_clip": 2})
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
+    _run(["dvc", "repro"], root)
+    return root
+
+
+def _runs(root: Path) -> list[dict]:
+    db = sqlite3.connect(root / ".mlflow" / "mlflow.db")
+    rows = db.execute("select run_uuid, name, status from runs").fetchall()
+    out = []
+    for run_id, name, status in rows:
+        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+        params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+        metrics = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (run_id,)).fetchall()}
+        out.append({"id": run_id, "name": name, "status": status, "tags": tags, "params": params,
+                    "metrics": metrics})
+    return out
+
+
+def test_repro_builds_every_stage(project: Path) -> None:
+    for stage in DATA_STAGES:
+        out = project / "artifacts" / stage
+        assert (out / "metrics.json").is_file(), stage
+    leftovers = [p.name for p in (project / "artifacts").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "no temporary folders left behind"
+
+
+def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:
+    runs = _runs(project)
+    stages = {r["name"]: r for r in runs if r["tags"].get("presto.kind") == "stage"}
+    assert set(stages) == set(DATA_STAGES)
+    parents = [r for r in runs if r["tags"].get("presto.kind") == "pipeline"]
+    assert len(parents) == 1, "one parent run per invocation"
+    for name, run in stages.items():
+        assert run["status"] == "FINISHED"
+        assert run["tags"]["mlflow.parentRunId"] == parents[0]["id"]
+        assert run["tags"]["presto.stage"] == name
+        assert len(run["tags"]["presto.fingerprint"]) == 16
+        assert run["tags"]["mlflow.source.git.commit"] != "unknown"
+        assert "prefect.flow_run_id" in run["tags"]
+        assert "shared.seed" in run["params"]
+        assert any(k.startswith(f"{name}.") for k in run["params"]), "the stage's own params, dotted"
+        assert not any(k.startswith("caption.") for k in run["params"]) or name == "caption"
+        assert "stage_seconds" in run["metrics"]
+    assert stages["augment"]["tags"]["presto.upstream.prepare"] == stages["prepare"]["id"]
+    assert stages["caption"]["tags"]["presto.upstream.augment"] == stages["augment"]["id"]
+
+
+def test_second_repro_is_a_noop(project: Path) -> None:
+    proc = _run(["dvc", "repro"], project)
+    assert "Data and pipelines are up to date" in proc.stdout + proc.stderr
+    assert len([r for r in _runs(project) if r["tags"].get("presto.kind") == "stage"]) == len(DATA_STAGES)
+
+
+def test_param_change_marks_only_that_stage_and_descendants(project: Path) -> None:
+    original = (project / "params.yaml").read_text()
+    try:
+        _set_params(project, augment={"stretch_rates": [0.8]})
+        status = _run(["dvc", "status", "--json"], project).stdout
+        import json
+
+        stale = set(json.loads(status))
+        assert stale == {"augment", "caption"}
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_failing_stage_keeps_upstream_outputs_and_says_why(project: Path) -> None:
+    original = (project / "params.yaml").read_text()
+    corpus = project / "junk_corpus"
+    corpus.mkdir()
+    (corpus / "notes.wav").write_text("this is not audio")
+    before = sorted(p.name for p in (project / "artifacts" / "demo_corpus").rglob("*"))
+    try:
+        _set_params(project, prepare={"corpus_dir": "junk_corpus", "metadata": None})
+        proc = _run(["dvc", "repro", "prepare"], project, check=False)
+        assert proc.returncode != 0
+        assert "junk_corpus" in proc.stderr + proc.stdout
+        assert "error: stage prepare" in proc.stderr
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert sorted(p.name for p in (project / "artifacts" / "demo_corpus").rglob("*")) == before
+    assert not [p for p in (project / "artifacts").iterdir() if p.name.startswith(".prepare.tmp")]
+    failed = [r for r in _runs(project) if r["name"] == "prepare" and r["status"] == "FAILED"]
+    assert len(failed) == 1
