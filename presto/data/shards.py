@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 MANIFEST = "manifest.jsonl"
@@ -75,23 +76,27 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Reads clips by (shard, index), keeping the last shard loaded (manifests are shard-ordered)."""
+    """Reads clips by (shard, index), one clip at a time: a shard is memory-mapped, never loaded whole."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._name: str | None = None
-        self._audio: np.ndarray | None = None
+        self._slice: Any = None
+
+    def _open(self, name: str) -> Any:
+        if name != self._name:
+            handle = safe_open(str(self.folder / name), framework="numpy")
+            self._slice, self._name = handle.get_slice("audio"), name
+        return self._slice
 
     def shard(self, name: str) -> np.ndarray:
-        if name != self._name:
-            self._audio = load_file(str(self.folder / name))["audio"]
-            self._name = name
-        assert self._audio is not None
-        return self._audio
+        """Every clip of one shard, int16."""
+        return load_file(str(self.folder / name))["audio"]
 
     def clip(self, row: dict[str, Any]) -> np.ndarray:
         """float32 audio of one manifest row, [n_samples] or [2, n_samples]."""
-        return to_float(self.shard(row["shard"])[row["index"]])
+        index = row["index"]
+        return to_float(self._open(row["shard"])[index:index + 1][0])
 
 
 def write_manifest(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
