@@ -1,0 +1,2 @@
+"""Diffusion math: EDM preconditioning and loss (edm), noise-level distributions (noise), samplers
+(sampling) and classifier-free guidance (guidance)."""
