@@ -38,6 +38,9 @@ def configure(root: Path) -> None:
     # Prefect without a server runs an ephemeral one whose database lives in PREFECT_HOME.
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
+    # numba (under librosa) caches compiled code beside its sources in the virtualenv; processes compiling
+    # at once corrupted that cache here (then librosa segfaults). Keep the cache in the project instead.
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(root / ".cache" / "numba"))
 
 
 def mlflow_dir(root: Path) -> Path:
