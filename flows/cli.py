@@ -114,6 +114,54 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> N
     raise typer.Exit(subprocess.call(cmd))
 
 
+@app.command(help="Write a wav from a text prompt with a trained model. Sampler, steps, guidance, length and "
+                  "device default to params.yaml's `generate` section.")
+def generate(
+    prompt: Annotated[str, typer.Argument(help="what the music should be, e.g. 'calm piano --bpm 80'")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="wav file to write")] = Path("out.wav"),
+    model: Annotated[str, typer.Option(help="the stage whose model to use (its artifacts/<stage> folder)")]
+    = "train_dit",
+    steps: Annotated[int | None, typer.Option(help="sampling steps")] = None,
+    seconds: Annotated[float | None, typer.Option(help="length of the clip")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed: the same seed gives the same clip")] = 0,
+    sampler: Annotated[str | None, typer.Option(help="a sampler of presto.diffusion.sampling.SAMPLERS")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale (CFG++ w in [0, 1])")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+) -> None:
+    from pydantic import ValidationError
+
+    from presto.config import load_params
+    from presto.errors import PrestoError
+
+    root = _root()
+    try:
+        params = load_params(root / "params.yaml").generate
+    except PrestoError as err:
+        _fail(str(err))
+    changes = {k: v for k, v in {"steps": steps, "sampler": sampler, "scale": guidance}.items() if v is not None}
+    try:
+        recipe = type(params.recipe).model_validate(params.recipe.model_dump() | changes)
+    except ValidationError as err:
+        _fail(f"generate: {err.errors()[0]['msg']}")
+
+    import soundfile as sf
+
+    from presto.generation import Generator, resolve_device
+
+    try:
+        dev = resolve_device(device or params.device)
+        generator = Generator.load(root / "artifacts" / model, vae_dir=root / "artifacts" / "train_vae" / "model",
+                                   encode_dir=root / "artifacts" / "encode", device=dev)
+        audio, timings = generator.generate([prompt], seconds or params.seconds, [seed], recipe)
+    except PrestoError as err:
+        _fail(str(err))
+    sf.write(output, audio[0], generator.sample_rate)
+    typer.echo(f"wrote {output} ({audio.shape[1] / generator.sample_rate:.1f} s) on {dev} in "
+               f"{timings['total_ms'] / 1e3:.2f} s: text {timings['text_ms']:.0f} ms, sampling "
+               f"{timings['sample_ms']:.0f} ms ({recipe.sampler}, {recipe.steps} steps, NFE {timings['nfe']:.0f}), "
+               f"decode {timings['decode_ms']:.0f} ms")
+
+
 def main() -> None:
     app()
 

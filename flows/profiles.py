@@ -39,7 +39,7 @@ def apply_profile(root: Path, name: str) -> list[str]:
     yaml = YAML()
     yaml.preserve_quotes = True
     params = yaml.load((root / "params.yaml").read_text())
-    overlay = YAML(typ="safe").load(path.read_text()) or {}
+    overlay = yaml.load(path.read_text()) or {}  # round-trip: `2.0e-5` stays a float to PyYAML
     changed: list[str] = []
     _merge(params, overlay, "", changed)
     buf = io.StringIO()

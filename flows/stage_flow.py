@@ -49,8 +49,9 @@ def _run_stage(stage: str, root: str) -> dict[str, Any]:
     prefect_run = str(get_run_context().flow_run.id)
     tracker = tracking.start_stage_run(root_path, stage, select(params, spec.params), fp, upstream,
                                        {"prefect.flow_run_id": prefect_run})
+    # A stage without resources of its own only drives others (Ray Train workers reserve the compute).
     res = getattr(params, spec.resources_key).resources if spec.resources_key else None
-    cpus, gpus = (res.cpus, res.gpus) if res else (1.0, 0.0)
+    cpus, gpus = (res.cpus, res.gpus) if res else (0.0, 0.0)
     logger.info("stage %s: fingerprint %s, MLflow run %s, Ray task with %s CPU / %s GPU",
                 stage, fp, tracker.run_id, cpus, gpus)
     start = time.time()
@@ -59,8 +60,7 @@ def _run_stage(stage: str, root: str) -> dict[str, Any]:
     except BaseException:
         tracking.end_stage_run(tracker, ok=False)
         raise
-    tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}
-                        | {"stage_seconds": time.time() - start})
+    tracker.log_metrics(runner.flatten_metrics(metrics) | {"stage_seconds": time.time() - start})
     metrics_file = root_path / spec.metrics
     if metrics_file.is_file():
         tracker.log_artifact(metrics_file)

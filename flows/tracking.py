@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,36 @@ class MlflowTracker:
         client = self._client()
         for k, v in tags.items():
             client.set_tag(self.run_id, k, v)
+
+    def log_model(self, name: str, files: dict[str, Path], config: dict[str, Any], alias: str | None) -> None:
+        """Log a bundle in this run as a pyfunc model (flows/serving.py) and register it as presto-<name>;
+        `config` becomes its settings file (and, where scalar, tags of the version); `alias` moves to it."""
+        import mlflow
+        from mlflow.models import Model
+
+        from flows import serving
+
+        registered = f"presto-{name}"
+        # Model.log has no tracking-URI argument: set the process-wide one for the call, then put it back.
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        # The settings travel as a file: Model.log would copy a model_config into the run's params.
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = Path(tmp) / serving.CONFIG_FILE
+            settings.write_text(json.dumps(config, indent=2) + "\n")
+            try:
+                info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=serving.__file__,
+                                 artifacts={"config": str(settings)} | {k: str(files[k]) for k in serving.ARTIFACTS},
+                                 signature=serving.SIGNATURE, pip_requirements=serving.requirements(),
+                                 run_id=self.run_id, registered_model_name=registered)
+            finally:
+                mlflow.set_tracking_uri(saved)  # None unsets it again
+        client, version = self._client(), str(info.registered_model_version)
+        for key, value in config.items():
+            if isinstance(value, (str, int, float)):
+                client.set_model_version_tag(registered, version, f"presto.{key}", str(value))
+        if alias is not None:
+            client.set_registered_model_alias(registered, alias, version)
 
 
 def start_stage_run(root: Path, stage: str, params: dict[str, Any], fingerprint: str,

@@ -7,8 +7,9 @@ surfaces two hours into training.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -125,6 +126,253 @@ class CaptionParams(Section):
     resources: Resources
 
 
+# Sections defined beside the code they configure (they import torch, and they import this module), so
+# this module cannot import them when it loads: a params class names them as usual, each one is listed here
+# with its module, and `bind_nested_sections` resolves them before the first validation.
+NESTED_SECTIONS: dict[str, str] = {
+    "VAEConfig": "presto.models.vae",
+    "STFTDiscriminatorConfig": "presto.models.discriminators",
+    "TextEncoderConfig": "presto.text.encoder",
+    "DiTConfig": "presto.models.dit",
+    "SamplingRecipe": "presto.generation",
+    "LayerDropRecipe": "presto.distill.presto_l",
+    "PrestoSConfig": "presto.distill.presto_s",
+    "DiscHeadConfig": "presto.models.disc_head",
+}
+if TYPE_CHECKING:
+    from presto.models.discriminators import STFTDiscriminatorConfig
+    from presto.models.vae import VAEConfig
+    from presto.generation import SamplingRecipe
+    from presto.models.dit import DiTConfig
+    from presto.text.encoder import TextEncoderConfig
+    from presto.distill.presto_l import LayerDropRecipe
+    from presto.distill.presto_s import PrestoSConfig
+    from presto.models.disc_head import DiscHeadConfig
+
+
+class TrainVAEParams(Section):
+    model: VAEConfig
+    discriminator: STFTDiscriminatorConfig
+    steps: PositiveInt
+    batch: PositiveInt
+    segment_seconds: PositiveFloat
+    lr: PositiveFloat
+    betas: tuple[Fraction, Fraction]
+    stft_fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]
+    stft_weight: NonNegFloat
+    kl_weight: NonNegFloat
+    adversarial_weight: NonNegFloat
+    feature_matching_weight: NonNegFloat
+    grad_clip: PositiveFloat
+    disc_warmup_steps: NonNegInt
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    val_every: PositiveInt
+    val_clips: PositiveInt
+    examples: NonNegInt
+    mel_fft_size: Annotated[int, Field(ge=16)]
+    n_mels: PositiveInt
+    resources: Resources
+
+
+class EncodeParams(Section):
+    sigma_data: PositiveFloat
+    text_encoder: TextEncoderConfig
+    batch: PositiveInt
+    chunk_seconds: PositiveFloat
+    shard_clips: PositiveInt
+    text_batch: PositiveInt
+    shard_captions: PositiveInt
+    resources: Resources
+
+
+class TrainDiTParams(Section):
+    """The base EDM DiT and its training (stages/train_dit.py, presto/training/dit_trainer.py)."""
+
+    model: DiTConfig
+    p_mean: float
+    p_std: PositiveFloat
+    sigma_min: PositiveFloat
+    sigma_max: PositiveFloat
+    sigma_data: PositiveFloat
+    cond_dropout: Fraction
+    lr: PositiveFloat
+    warmup_steps: NonNegInt
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+    weight_decay: NonNegFloat
+    grad_clip: PositiveFloat
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    batch: PositiveInt
+    crop_frames: PositiveInt
+    steps: PositiveInt
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    val_every: PositiveInt
+    val_clips: PositiveInt
+    val_sigmas: Annotated[list[PositiveFloat], Field(min_length=1)]
+    samples: NonNegInt
+    sample_seconds: PositiveFloat
+    sample_recipe: SamplingRecipe
+    workers: PositiveInt
+    use_gpu: bool
+    cpus_per_worker: PositiveFloat
+    gpus_per_worker: NonNegFloat
+    max_failures: NonNegInt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainDiTParams":
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        if self.use_gpu != (self.gpus_per_worker > 0):
+            raise ValueError(f"use_gpu = {self.use_gpu} with gpus_per_worker = {self.gpus_per_worker}: "
+                             "a GPU run needs gpus_per_worker > 0, a CPU run 0")
+        return self
+
+
+class LayerDroppingParams(Section):
+    """What the presto_l stage and its plain-ASE baseline, the ase stage, share (stages/presto_l.py,
+    presto/distill/presto_l.py): one recipe and data, so the two differ only in what Presto-L changes."""
+
+    recipe: LayerDropRecipe
+    batch: PositiveInt
+    crop_frames: PositiveInt
+    steps: PositiveInt
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    val_every: PositiveInt
+    val_clips: PositiveInt
+    val_sigmas: Annotated[list[PositiveFloat], Field(min_length=1)]
+    resources: Resources
+
+
+class PrestoLParams(Section):
+    mode: Literal["presto_l", "ase"]  # ase here turns the presto_l stage into the baseline (an ablation)
+    nu_self_distill: NonNegFloat
+
+
+class AseParams(Section):
+    nu_self_distill: NonNegFloat
+
+
+class PrestoSParams(Section):
+    """Presto-S step distillation of train_dit's model (stages/presto_s.py, presto/distill/presto_s.py)."""
+
+    method: PrestoSConfig
+    head: DiscHeadConfig  # the discriminator head on the fake score's middle block
+    batch: PositiveInt
+    crop_frames: PositiveInt
+    iterations: PositiveInt  # critic turns; every method.critic_updates_per_generator-th also updates G
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    recipe: SamplingRecipe  # how the generator samples, written to presto_s.json beside the model
+    eval_steps: Annotated[list[PositiveInt], Field(min_length=1)]
+    eval_clips: PositiveInt
+    resources: Resources
+
+    @model_validator(mode="after")
+    def _generator_recipe(self) -> "PrestoSParams":
+        r = self.recipe
+        if r.sampler != "consistency" or r.guidance != "none" or r.budgets is not None:
+            raise ValueError(f"recipe: a Presto-S generator samples with sampler consistency, guidance none and "
+                             f"budgets null (guidance is distilled in), got {r.sampler}, {r.guidance}, {r.budgets}")
+        return self
+
+
+class GenerateParams(Section):
+    """Defaults of `presto generate` (no stage reads them)."""
+
+    recipe: SamplingRecipe
+    seconds: PositiveFloat
+    device: str  # auto (CUDA when available), cpu, cuda, cuda:N
+
+
+class EmbedderParams(Section):
+    """The audio embedding the distribution metrics use (presto/eval/embedders.py): the offline default, or
+    LAION-CLAP from a local checkpoint (the paper's embedding, and the only one giving a CLAP score)."""
+
+    kind: Literal["default", "clap"]
+    checkpoint: str | None  # clap: path of a LAION-CLAP checkpoint (.pt or .safetensors); never downloaded
+    audio_model: str  # clap: HTSAT-base for LAION's music checkpoint, HTSAT-tiny for 630k-audioset
+    enable_fusion: bool  # clap: the checkpoint's fusion setting
+
+    @model_validator(mode="after")
+    def _clap_needs_checkpoint(self) -> "EmbedderParams":
+        if self.kind == "clap" and not self.checkpoint:
+            raise ValueError("kind clap needs a checkpoint: the local path of a LAION-CLAP checkpoint")
+        return self
+
+
+class EvalRun(Section):
+    """One model at one setting: `name` (as the paper's models), the `stage` whose out folder holds its model/
+    and edm.json, and how to sample it. Its label, e.g. base/32, is name/steps."""
+
+    name: Literal["base", "presto_s", "presto_l", "ase", "presto_ls"]
+    stage: str
+    recipe: SamplingRecipe
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.recipe.steps}"
+
+
+class BestOfNParams(Section):
+    """Inference-time scaling: per prompt, the best of N candidates, N as many as fit the latency budget."""
+
+    runs: list[str]  # labels of the runs to scale; [] turns it off
+    max_candidates: Annotated[int, Field(ge=2)]
+    latency_budget_ms: PositiveFloat | None  # None: the reference run's latency (the time distillation saves)
+
+
+class RhoSweepParams(Section):
+    """One run sampled again at each rho of its step schedule (Presto-S's adaptive step schedule)."""
+
+    run: str  # a run label
+    rhos: list[PositiveFloat]  # [] turns it off
+
+
+class EvaluateParams(Section):
+    """The evaluate stage (stages/evaluate.py): every run against the test split, then the report."""
+
+    runs: Annotated[list[EvalRun], Field(min_length=1)]
+    reference_run: str  # the label whose latency speedup_vs_base divides by
+    n_prompts: PositiveInt
+    reference_clips: PositiveInt
+    seconds: PositiveFloat
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)]
+    batch: PositiveInt
+    latency_repeats: PositiveInt
+    embedder: EmbedderParams
+    mmd_bandwidth: PositiveFloat
+    prdc_k: PositiveInt
+    best_of_n: BestOfNParams
+    rho_sweep: RhoSweepParams
+    resources: Resources
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvaluateParams":
+        labels = [r.label for r in self.runs]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"runs {repeated} appear twice: each model and step count is one run")
+        named = [("reference_run", self.reference_run)] + [("best_of_n.runs", r) for r in self.best_of_n.runs]
+        if self.rho_sweep.rhos:
+            named.append(("rho_sweep.run", self.rho_sweep.run))
+        for key, label in named:
+            if label not in labels:
+                raise ValueError(f"{key} = {label!r} is not a run; runs are {labels}")
+        stages = {(r.name, r.stage) for r in self.runs}
+        if len(stages) != len({name for name, _ in stages}):
+            raise ValueError(f"runs name one model from several stages {sorted(stages)}: a name is one model")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed (a repeated seed repeats the clip)")
+        # PRDC's k-nearest-neighbour balls need k other points in each set.
+        if self.n_prompts * len(self.seeds) <= self.prdc_k or self.reference_clips <= self.prdc_k:
+            raise ValueError(f"prdc_k = {self.prdc_k} needs more than k generated clips (n_prompts x seeds = "
+                             f"{self.n_prompts * len(self.seeds)}) and reference clips ({self.reference_clips})")
+        return self
+
+
 class Params(Section):
     """The whole params.yaml. Sections of stages that are not built yet are absent."""
 
@@ -133,6 +381,15 @@ class Params(Section):
     prepare: PrepareParams
     augment: AugmentParams
     caption: CaptionParams
+    train_vae: TrainVAEParams
+    encode: EncodeParams
+    train_dit: TrainDiTParams
+    layer_dropping: LayerDroppingParams
+    presto_l: PrestoLParams
+    ase: AseParams
+    presto_s: PrestoSParams
+    generate: GenerateParams
+    evaluate: EvaluateParams
 
     @model_validator(mode="after")
     def _hop_fits_clip(self) -> "Params":
@@ -142,6 +399,26 @@ class Params(Section):
                 f"({self.shared.clip_seconds}): most audio would be skipped"
             )
         return self
+
+    @model_validator(mode="after")
+    def _dit_fits_latents(self) -> "Params":
+        # The EDM preconditioning assumes data of std sigma_data: the latents must be scaled to it.
+        if self.train_dit.sigma_data != self.encode.sigma_data:
+            raise ValueError(f"train_dit.sigma_data = {self.train_dit.sigma_data} must equal encode.sigma_data = "
+                             f"{self.encode.sigma_data} (the std the latents are normalised to)")
+        if self.train_dit.model.latent_channels != self.train_vae.model.latent_channels:
+            raise ValueError(f"train_dit.model.latent_channels = {self.train_dit.model.latent_channels} must equal "
+                             f"train_vae.model.latent_channels = {self.train_vae.model.latent_channels}")
+        return self
+
+
+def bind_nested_sections() -> None:
+    """Resolve NESTED_SECTIONS in every params class of this module (idempotent; cheap after the first call)."""
+    namespace = {name: getattr(importlib.import_module(module), name) for name, module in NESTED_SECTIONS.items()}
+    sections = [v for v in globals().values() if isinstance(v, type) and issubclass(v, Section)]
+    for cls in sections:
+        if not cls.__pydantic_complete__:
+            cls.model_rebuild(_types_namespace=namespace)
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -161,6 +438,7 @@ def _format_error(source: str, err: ValidationError) -> str:
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    bind_nested_sections()
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -213,8 +491,19 @@ def section_items(section: BaseModel, prefix: str) -> dict[str, Any]:
         if isinstance(value, BaseModel):
             out.update(section_items(value, key))
         else:
-            out[key] = list(value) if isinstance(value, tuple) else value
+            out[key] = _plain(value)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A param value as JSON-able data (lists of sections, e.g. mixture components, become dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def select(params: Params, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -227,5 +516,6 @@ def select(params: Params, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
         if isinstance(value, BaseModel):
             out.update(section_items(value, key))
         else:
-            out[key] = list(value) if isinstance(value, tuple) else value
+            out[key] = _plain(value)
     return out
+

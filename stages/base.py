@@ -26,6 +26,11 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_model(self, name: str, files: dict[str, Path], config: dict[str, Any], alias: str | None) -> None:
+        """Register a servable model `presto-<name>` from a bundle ({model, vae, encode} folders, see
+        stages/evaluate.py); `config` ({recipe, seconds, ...}) holds its default settings."""
+        ...
+
 
 @dataclass
 class StageContext:

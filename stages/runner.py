@@ -83,13 +83,34 @@ def write_run_record(root: Path, stage: str, record: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _check_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def _check_metrics(stage: str, metrics: Any, prefix: str = "") -> dict[str, Any]:
+    """Metrics are numbers (None for "not measured"), possibly nested one dict per level, e.g.
+    {"base": {"32": {"fad": 1.2}}}; NaN/Inf become None so metrics.json stays valid JSON."""
     if not isinstance(metrics, dict):
-        raise TypeError(f"stage {stage} returned {type(metrics).__name__}, expected a dict of metrics")
+        raise TypeError(f"stage {stage}: metrics{prefix} is {type(metrics).__name__}, expected a dict")
+    clean: dict[str, Any] = {}
     for k, v in metrics.items():
-        if v is not None and not isinstance(v, (int, float)):
-            raise TypeError(f"stage {stage}: metric {k} = {v!r} is not a number")
-    return metrics
+        if isinstance(v, dict):
+            clean[str(k)] = _check_metrics(stage, v, f"{prefix}.{k}")
+        elif v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            if v is not None:
+                raise TypeError(f"stage {stage}: metric {prefix[1:] + '.' if prefix else ''}{k} = {v!r} "
+                                "is not a number")
+            clean[str(k)] = None
+        else:
+            clean[str(k)] = v if math.isfinite(v) else None
+    return clean
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"base": {"32": {"fad": 1.2}}} -> {"base.32.fad": 1.2}, dropping None (for MLflow)."""
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(flatten_metrics(v, f"{prefix}{k}."))
+        elif v is not None:
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -113,8 +134,7 @@ def execute(stage: str, root: str, tracker: Tracker, fp: str) -> dict[str, Any]:
     ctx = StageContext(name=stage, params=params, root=root_path, out_dir=tmp,
                        checkpoint_dir=checkpoints / fp, fingerprint=fp, tracker=tracker)
     try:
-        metrics = _check_metrics(stage, module.run(ctx))
-        clean = {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}
+        clean = _check_metrics(stage, module.run(ctx))
         (tmp / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

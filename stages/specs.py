@@ -9,6 +9,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Plot:
+    """A DVC plot: `file` (inside the stage's out folder) is a JSON list of flat records."""
+
+    file: str
+    x: str
+    y: str
+    title: str
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     help: str
@@ -16,12 +26,13 @@ class StageSpec:
     code: tuple[str, ...]  # source files/folders whose change makes the stage stale
     upstream: tuple[str, ...] = ()  # stages whose out folder this one reads
     extra_deps: tuple[str, ...] = ()  # other inputs (may use ${...} params templating)
-    plots: tuple[str, ...] = ()  # files inside the out folder declared as DVC plots
-    resources_key: str | None = None  # params section whose `.resources` Ray reserves
+    plots: tuple[Plot, ...] = ()  # DVC plots written into the out folder
+    resources_key: str | None = None  # params section whose `.resources` Ray reserves; None: a driver, 0 CPUs
+    module_name: str | None = None  # stages/<module_name>.py runs it when one module serves several stages
 
     @property
     def module(self) -> str:
-        return f"stages.{self.name}"
+        return f"stages.{self.module_name or self.name}"
 
     @property
     def out(self) -> str:
@@ -35,6 +46,15 @@ class StageSpec:
 # Plumbing every stage shares (params validation, the runner) does not change what a stage computes, so it
 # is not a dependency: editing it must not rebuild the whole pipeline.
 SHARED_CODE: tuple[str, ...] = ()
+
+# Presto-L and its ASE baseline run the same module (stages/presto_l.py) on the same recipe (layer_dropping).
+LAYER_DROPPING_PARAMS: tuple[str, ...] = ("shared.seed", "layer_dropping")
+PRESTO_L_CODE: tuple[str, ...] = (
+    "stages/presto_l.py", "stages/train_dit.py", "presto/distill/presto_l.py", "presto/training/dit_trainer.py",
+    "presto/training/state.py", "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py",
+    "presto/models/ema.py", "presto/models/checkpoint.py", "presto/diffusion/edm.py", "presto/diffusion/noise.py",
+    "presto/data/latents.py", "presto/text/condition.py",
+)
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
@@ -70,6 +90,85 @@ STAGES: tuple[StageSpec, ...] = (
               "presto/data/music.py"),
         upstream=("prepare", "augment"),
         resources_key="caption",
+    ),
+    StageSpec(
+        name="train_vae",
+        help="Train the audio VAE (MR-STFT + KL + multi-scale STFT discriminator, EMA); score it on val.",
+        params=("shared.seed", "shared.sample_rate", "train_vae"),
+        code=("stages/train_vae.py", "presto/training/vae_trainer.py", "presto/models/vae.py",
+              "presto/models/audio_losses.py", "presto/models/discriminators.py", "presto/models/ema.py",
+              "presto/models/checkpoint.py", "presto/data/shards.py", "presto/audio/io.py"),
+        upstream=("prepare", "augment"),  # augment's manifest lists prepare's clips too
+        resources_key="train_vae",
+    ),
+    StageSpec(
+        name="encode",
+        help="Encode every clip to normalised latents (sigma_data) and every caption to text embeddings.",
+        params=("shared.sample_rate", "encode"),
+        code=("stages/encode.py", "stages/train_vae.py", "presto/data/latents.py", "presto/data/shards.py",
+              "presto/models/vae.py", "presto/models/checkpoint.py", "presto/text/encoder.py",
+              "presto/text/condition.py"),
+        upstream=("prepare", "augment", "caption", "train_vae"),
+        resources_key="encode",
+    ),
+    StageSpec(
+        name="train_dit",
+        help="Train the base EDM DiT on the latents with Ray Train (DDP over workers); EMA weights out.",
+        params=("shared.seed", "train_dit"),
+        # The sampling code (generation, samplers, guidance, the VAE decoder) only makes the preview clips
+        # logged to MLflow, none of the outs, so editing it does not retrain the model.
+        code=("stages/train_dit.py", "presto/training/dit_trainer.py", "presto/training/state.py",
+              "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py",
+              "presto/models/ema.py", "presto/models/checkpoint.py", "presto/diffusion/edm.py",
+              "presto/diffusion/noise.py", "presto/data/latents.py", "presto/text/condition.py"),
+        upstream=("encode", "train_vae"),
+        resources_key=None,  # a driver: the Ray Train workers reserve train_dit.cpus/gpus_per_worker
+    ),
+    StageSpec(
+        name="presto_l",
+        help="Fine-tune the base DiT into Presto-L: budget-conditioned layer dropping over a sigma schedule.",
+        params=LAYER_DROPPING_PARAMS + ("presto_l",),
+        code=PRESTO_L_CODE,
+        upstream=("train_dit", "encode"),
+        resources_key="layer_dropping",
+    ),
+    StageSpec(
+        name="ase",
+        help="The plain-ASE baseline of Presto-L: presto_l's recipe, early exit without budget conditioning.",
+        params=LAYER_DROPPING_PARAMS + ("ase",),
+        code=PRESTO_L_CODE,
+        upstream=("train_dit", "encode"),
+        resources_key="layer_dropping",
+        module_name="presto_l",
+    ),
+    StageSpec(
+        name="presto_s",
+        help="Distil the base DiT into a few-step generator with Presto-S (distribution matching + GAN).",
+        params=("shared.seed", "presto_s"),
+        code=("stages/presto_s.py", "stages/presto_l.py", "stages/train_dit.py", "presto/distill/presto_s.py",
+              "presto/models/disc_head.py", "presto/training/dit_trainer.py", "presto/training/state.py",
+              "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py",
+              "presto/models/checkpoint.py", "presto/diffusion/edm.py", "presto/diffusion/noise.py",
+              "presto/diffusion/sampling.py", "presto/data/latents.py", "presto/text/condition.py",
+              "presto/eval/metrics.py", "presto/generation.py"),
+        upstream=("train_dit", "encode"),
+        resources_key="presto_s",
+    ),
+    StageSpec(
+        name="evaluate",
+        help="Score every model and setting on the test split (quality, text adherence, latency); write the "
+             "listening report; register the models for serving.",
+        params=("evaluate",),
+        code=("stages/evaluate.py", "presto/eval", "presto/generation.py", "presto/diffusion", "presto/models/dit.py",
+              "presto/models/attention.py", "presto/models/vae.py", "presto/models/checkpoint.py",
+              "presto/distill/presto_l.py", "presto/text", "presto/data/analysis.py", "presto/data/music.py",
+              "presto/data/shards.py", "presto/data/latents.py", "presto/audio/plots.py"),
+        # The models evaluate.runs may name: adding a model is a run in params.yaml and its stage here.
+        upstream=("prepare", "caption", "train_vae", "encode", "train_dit", "presto_l", "ase", "presto_s"),
+        plots=(Plot("quality_vs_latency.json", x="latency_ms", y="fad", title="FAD vs latency at batch 1"),
+               Plot("fad_vs_steps.json", x="steps", y="fad", title="FAD vs sampling steps"),
+               Plot("fad_vs_rho.json", x="rho", y="fad", title="FAD vs the step schedule's rho")),
+        resources_key="evaluate",
     ),
 )
 

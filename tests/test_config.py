@@ -171,3 +171,11 @@ def test_demo_values_match_params_yaml() -> None:
                 assert target[k] == v, f"profiles/demo.yaml {prefix}{k}={v} but params.yaml has {target[k]}"
 
     check(demo, params, "")
+
+
+def test_select_gives_json_data_for_nested_lists(repo: Path) -> None:
+    import json
+
+    params = load_params(repo / "params.yaml")
+    keys = [name for name in type(params).model_fields]
+    json.dumps(select(params, keys))  # every value JSON-able: MLflow params and fingerprints need it

@@ -80,3 +80,14 @@ def test_only_infrastructure_failures_are_retried(error: Exception, retried: boo
 
 def test_success_is_not_retried() -> None:
     assert _is_infra_failure(None, None, Completed(data=1)) is False
+
+
+def test_metrics_may_nest_and_flatten_for_mlflow() -> None:
+    from stages.runner import _check_metrics, flatten_metrics
+
+    metrics = {"base": {"32": {"fad": 1.5, "clap_score": None, "rtf": float("inf")}}, "steps": 3}
+    clean = _check_metrics("evaluate", metrics)
+    assert clean == {"base": {"32": {"fad": 1.5, "clap_score": None, "rtf": None}}, "steps": 3}
+    assert flatten_metrics(clean) == {"base.32.fad": 1.5, "steps": 3.0}
+    with pytest.raises(TypeError, match="base.32.fad = 'x'"):
+        _check_metrics("evaluate", {"base": {"32": {"fad": "x"}}})

@@ -1,0 +1,546 @@
+"""evaluate: every model at every setting worth comparing, scored against the test split; a listening
+report; the models registered for serving.
+
+Each run of params `evaluate.runs` is a model (the out folder of a stage) and a SamplingRecipe. For each,
+the stage generates one clip per prompt and seed (prompts: captions of test clips spread over the test
+split) and scores the clips against real test clips cropped to the same length:
+
+  quality  fad, mmd (unbiased, RBF bandwidth `mmd_bandwidth`, x1000), density, recall, coverage (k = prdc_k)
+           on the configured audio embedding (presto/eval/embedders.py, presto/eval/metrics.py)
+  text     clap_score (CLAP embedder only, else null); tempo_error, key_accuracy, key_mirex of the audio
+           against the tempo and key its prompt states (presto/eval/adherence.py)
+  speed    nfe (CFG counts 2 per step); latency_ms at batch 1: warm, the median of `latency_repeats` runs,
+           text encoding + sampling + VAE decode, broken down as latency_{text,sample,decode}_ms;
+           rtf = seconds of audio per second of latency (the paper's convention: 32 s in 43.34 s is 0.74);
+           speedup_vs_base = latency of `reference_run` / latency of the run
+
+Options (the paper's extra analyses): best of N (each prompt gets N candidates, as many as fit a latency
+budget, and keeps the one with the best CLAP score, or without CLAP the best tempo/key adherence; its
+latency counts generating and scoring all N), and a sweep of the step schedule's rho for one run.
+
+Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
+the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html. The report and
+plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe);
+the alias `best` marks the model to serve: Presto-LS when evaluated, else the lowest-FAD model.
+
+Resumption: each generated set of clips is saved to ctx.checkpoint_dir as soon as it exists; a rerun
+after a crash loads it instead of generating again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from presto.config import EvalRun, EvaluateParams
+from presto.data.latents import LATENT_STATS, TEXT_ENCODER
+from presto.data.shards import MANIFEST, ShardReader, read_manifest
+from presto.errors import InputError, ParamsError
+from presto.eval import adherence, metrics
+from presto.eval.adherence import Measured, Target
+from presto.generation import EDM_FILE, MODEL_DIR, Generator, SamplingRecipe
+from presto.training.progress import Progress
+from stages.base import StageContext
+from stages.caption import CAPTIONS
+from stages.presto_l import SCHEDULE_FILE
+from stages.train_dit import VAE_MODEL
+
+REPORT = "report.html"
+PLOT_QUALITY = "quality_vs_latency.json"
+PLOT_STEPS = "fad_vs_steps.json"
+PLOT_RHO = "fad_vs_rho.json"
+BEST_ALIAS = "best"
+# Candidate j of a clip with seed s has seed s + j * stride: candidate 0 is the run's own clip, and the
+# candidates of different seeds never share a seed (for fewer than `stride` seeds).
+CANDIDATE_SEED_STRIDE = 100_003
+QUALITY_KEYS = ("fad", "mmd", "density", "recall", "coverage", "clap_score", "tempo_error", "key_accuracy",
+                "key_mirex")
+TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_text_ms", "latency_sample_ms", "latency_decode_ms",
+                             "rtf", "speedup_vs_base")
+
+
+# ---- the models -----------------------------------------------------------------------------------------
+
+
+def load_generator(model_dir: str | Path, *, vae_dir: str | Path, encode_dir: str | Path,
+                   device: torch.device) -> Generator:
+    """A bundle ready to sample. A model folder with a schedule.json (Presto-L, ASE) runs each noise level at
+    the layer budget it was trained for, with or without the reroute as trained."""
+    from presto.distill.presto_l import BudgetedDenoiser, load_schedule
+
+    model_dir = Path(model_dir)
+    generator = Generator.load(model_dir, vae_dir=vae_dir, encode_dir=encode_dir, device=device)
+    if (model_dir / SCHEDULE_FILE).is_file():
+        schedule = load_schedule(model_dir / SCHEDULE_FILE)
+        generator.denoiser = BudgetedDenoiser(generator.dit, generator.denoiser.sigma_data, schedule)
+    return generator
+
+
+def model_files(root: Path, stage: str) -> dict[str, Path]:
+    """The files of a model bundle in the project: the stage's model folder, the VAE, the encode stage's
+    latent statistics and text encoder."""
+    encode = root / "artifacts" / "encode"
+    return {"model_dir": root / "artifacts" / stage, "vae": root / "artifacts" / "train_vae" / VAE_MODEL,
+            "latent_stats": encode / LATENT_STATS, "text_encoder": encode / TEXT_ENCODER}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # free on one filesystem, and the weights are never modified in place
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def bundle(root: Path, stage: str) -> Iterator[dict[str, Path]]:
+    """The bundle as three folders, {model, vae, encode}, holding only what generation reads (valid inside the
+    `with`): what a registered model carries. Files are hard links where possible (MLflow copies them, and
+    refuses symlinks out of the folder), in a scratch folder beside the project's run records."""
+    files = model_files(root, stage)
+    scratch = root / ".presto"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bundle-", dir=scratch) as tmp:
+        model, encode = Path(tmp) / "model", Path(tmp) / "encode"
+        encode.mkdir()
+        shutil.copytree(files["model_dir"] / MODEL_DIR, model / MODEL_DIR, copy_function=_link_or_copy)
+        for name in (EDM_FILE, SCHEDULE_FILE):
+            if (files["model_dir"] / name).is_file():
+                _link_or_copy(str(files["model_dir"] / name), str(model / name))
+        for name in ("latent_stats", "text_encoder"):
+            _link_or_copy(str(files[name]), str(encode / files[name].name))
+        yield {"model": model, "vae": files["vae"], "encode": encode}
+
+
+# ---- the test set ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Prompts (one per chosen test clip) with what they ask for, and the real clips to compare with."""
+
+    clip_ids: list[str]  # the test clip each prompt describes
+    prompts: list[str]
+    targets: list[Target]
+    prompt_audio: np.ndarray  # [prompts, samples]: the clip each prompt describes (for the report)
+    reference: np.ndarray  # [clips, samples]: the real set of the distribution metrics
+    sample_rate: int
+
+
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """`count` items evenly spread over the sequence, first and last included (all of them if fewer)."""
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[0]]
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+def choose_prompt(captions: Sequence[str]) -> str:
+    """The clip's caption that states the most of tempo and key (so adherence can be measured), the first
+    one on ties."""
+    def stated(caption: str) -> int:
+        target = adherence.prompt_target(caption)
+        return (target.tempo is not None) + (target.key is not None)
+
+    return max(captions, key=stated)  # max keeps the first of equals
+
+
+def load_test_set(root: Path, p: EvaluateParams) -> EvalSet:
+    manifest_path = root / "artifacts" / "prepare" / MANIFEST
+    captions_path = root / "artifacts" / "caption" / CAPTIONS
+    for path, stage in ((manifest_path, "prepare"), (captions_path, "caption")):
+        if not path.is_file():
+            raise InputError(f"{path}: not found; run the {stage} stage first")
+    rows = [r for r in read_manifest(manifest_path) if r["split"] == "test" and float(r["seconds"]) >= p.seconds]
+    if not rows:
+        raise InputError(f"{manifest_path}: no test clip is at least evaluate.seconds = {p.seconds} s long")
+    rates = {int(r["sample_rate"]) for r in rows}
+    if len(rates) != 1:
+        raise InputError(f"{manifest_path}: test clips at several sample rates {sorted(rates)}")
+    captions = {c["clip_id"]: c["captions"] for c in read_manifest(captions_path) if c.get("captions")}
+    captioned = [r for r in rows if r["clip_id"] in captions]
+    if len(captioned) < p.n_prompts:
+        raise InputError(f"{captions_path}: {len(captioned)} captioned test clips of at least {p.seconds} s, "
+                         f"fewer than evaluate.n_prompts = {p.n_prompts}")
+    reference_rows = spread(rows, p.reference_clips)
+    if len(reference_rows) <= p.prdc_k:
+        raise InputError(f"{manifest_path}: {len(reference_rows)} test clips of at least {p.seconds} s; "
+                         f"density/recall/coverage with evaluate.prdc_k = {p.prdc_k} need more than k")
+    (sample_rate,) = rates
+    samples = round(p.seconds * sample_rate)
+    reader = ShardReader(root / "artifacts")
+
+    def clip(row: dict[str, Any]) -> np.ndarray:
+        return np.atleast_2d(reader.clip(row)).mean(axis=0)[:samples]
+
+    prompt_rows = spread(captioned, p.n_prompts)
+    prompts = [choose_prompt(captions[r["clip_id"]]) for r in prompt_rows]
+    return EvalSet(clip_ids=[r["clip_id"] for r in prompt_rows], prompts=prompts,
+                   targets=[adherence.prompt_target(t) for t in prompts],
+                   prompt_audio=np.stack([clip(r) for r in prompt_rows]),
+                   reference=np.stack([clip(r) for r in reference_rows]), sample_rate=sample_rate)
+
+
+# ---- scores ---------------------------------------------------------------------------------------------
+
+
+def make_embedder(p: EvaluateParams, device: torch.device):
+    from presto.eval.embedders import ClapEmbedder, CrepeSpectralEmbedder
+
+    e = p.embedder
+    if e.kind == "clap":
+        return ClapEmbedder(e.checkpoint, e.audio_model, e.enable_fusion, device=str(device))
+    return CrepeSpectralEmbedder()
+
+
+class Scorer:
+    """Scores a set of clips, ordered prompt by prompt and seed by seed, against the test set."""
+
+    def __init__(self, embedder: Any, test: EvalSet, reference_embeddings: np.ndarray, seeds: int,
+                 p: EvaluateParams):
+        self.embedder, self.test, self.seeds, self.p = embedder, test, seeds, p
+        self.reference = reference_embeddings
+        self.targets = [t for t in test.targets for _ in range(seeds)]
+        text_embed = getattr(embedder, "text_embed", None)
+        self.text = np.repeat(text_embed(test.prompts), seeds, axis=0) if text_embed else None
+        self.score_ms = math.nan  # time per clip of the best-of-N selection score, measured on first use
+
+    def measure(self, audio: np.ndarray) -> list[Measured]:
+        return [adherence.measure(clip, self.test.sample_rate) for clip in audio]
+
+    def selection_scores(self, audio: np.ndarray) -> np.ndarray:
+        """Per clip, the score best of N keeps the highest: the CLAP text-audio cosine when CLAP is the
+        embedder, else the tempo/key adherence (NaN where the prompt states neither)."""
+        start = time.perf_counter()
+        if self.text is not None:
+            emb = self.embedder.embed(audio, self.test.sample_rate)
+            norms = np.linalg.norm(emb, axis=1) * np.linalg.norm(self.text, axis=1)
+            out = np.einsum("nd,nd->n", emb, self.text) / norms
+        else:
+            scores = [adherence.adherence_score(t, m) for t, m in zip(self.targets, self.measure(audio))]
+            out = np.array([np.nan if s is None else s for s in scores])
+        if math.isnan(self.score_ms):
+            self.score_ms = 1e3 * (time.perf_counter() - start) / len(audio)
+        return out
+
+    def score(self, audio: np.ndarray) -> dict[str, float | None]:
+        emb = self.embedder.embed(audio, self.test.sample_rate)
+        measured = self.measure(audio)
+        prdc = metrics.prdc(self.reference, emb, k=self.p.prdc_k)
+        return {
+            "fad": metrics.frechet_distance(self.reference, emb),
+            "mmd": metrics.mmd(self.reference, emb, bandwidth=self.p.mmd_bandwidth),
+            "density": prdc["density"], "recall": prdc["recall"], "coverage": prdc["coverage"],
+            "clap_score": metrics.clap_score(emb, self.text) if self.text is not None else None,
+            "tempo_error": adherence.tempo_error(self.targets, measured),
+            "key_accuracy": adherence.key_accuracy(self.targets, measured),
+            "key_mirex": adherence.key_mirex(self.targets, measured),
+        }
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+
+
+def cached(folder: Path, key: str, make: Callable[[], tuple[np.ndarray, dict[str, float]]]
+           ) -> tuple[np.ndarray, dict[str, float]]:
+    """`make()` once: its array and numbers are saved under `key` in `folder` and read back on a rerun."""
+    path = folder / f"{key.replace('/', '-')}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor("array"), json.loads(f.metadata()["info"])
+    array, info = make()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"array": np.ascontiguousarray(array)}, str(tmp), metadata={"info": json.dumps(info)})
+    tmp.replace(path)
+    return array, info
+
+
+def generate_set(generator: Generator, prompts: Sequence[str], seeds: Sequence[int], seconds: float,
+                 recipe: SamplingRecipe, batch: int, label: str) -> tuple[np.ndarray, dict[str, float]]:
+    """A clip per (prompt, seed), prompt-major, in batches; and the NFE of one clip."""
+    items = [(prompt, seed) for prompt in prompts for seed in seeds]
+    clips, nfe = [], 0.0
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        audio, timings = generator.generate([t for t, _ in chunk], seconds, [s for _, s in chunk], recipe)
+        if not np.isfinite(audio).all():
+            raise InputError(f"evaluate {label}: the model generates NaN/Inf audio ({recipe.sampler}, "
+                             f"{recipe.steps} steps): it diverged in training, or the recipe does not suit it")
+        clips.append(audio)
+        nfe = timings["nfe"]
+    return np.concatenate(clips), {"nfe": nfe}
+
+
+def measure_latency(generator: Generator, prompt: str, seed: int, seconds: float, recipe: SamplingRecipe,
+                    repeats: int) -> dict[str, float]:
+    """Batch-1 latency after one warm-up call: the median of `repeats` calls, in total and per component."""
+    generator.generate([prompt], seconds, [seed], recipe)
+    runs = [generator.generate([prompt], seconds, [seed], recipe)[1] for _ in range(repeats)]
+    return {f"latency_{part}_ms": float(np.median([r[f"{part}_ms"] for r in runs]))
+            for part in ("text", "sample", "decode")} | {"latency_ms": float(np.median([r["total_ms"] for r in runs]))}
+
+
+def speed(latency: dict[str, float], nfe: float, seconds: float, reference_ms: float) -> dict[str, float]:
+    return latency | {"nfe": nfe, "rtf": seconds / (latency["latency_ms"] / 1e3),
+                      "speedup_vs_base": reference_ms / latency["latency_ms"]}
+
+
+# ---- outputs --------------------------------------------------------------------------------------------
+
+
+def best_run_of(entries: dict[str, dict[str, Any]]) -> str:
+    """The step count (key) whose FAD is lowest; fewer steps on ties, and runs without a FAD last."""
+    return min(entries, key=lambda s: (entries[s]["fad"] is None, entries[s]["fad"] or 0.0, int(s)))
+
+
+def plot_records(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[dict], list[dict]]:
+    quality, steps = [], []
+    for name, by_steps in results.items():
+        for s, entry in by_steps.items():
+            quality.append({"label": f"{name}/{s}", "model": name, "steps": int(s), "latency_ms": entry["latency_ms"],
+                            "fad": entry["fad"], "mmd": entry["mmd"], "nfe": entry["nfe"]})
+            steps.append({"model": name, "steps": int(s), "fad": entry["fad"], "nfe": entry["nfe"]})
+    return quality, steps
+
+
+def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict[str, Any]]],
+                 clips: dict[str, np.ndarray], real_scores: dict[str, float | None], rho_records: list[dict],
+                 notes: list[str], seeds: int) -> None:
+    from presto.eval.report import PromptRow, line_plot, render_report
+
+    rows = [{"model": f"{name}/{s}", **entry} for name, by_steps in results.items() for s, entry in by_steps.items()]
+    rows.append({"model": "real test clips (ceiling of the estimators)", **real_scores})
+    by_model: dict[str, list[tuple[float, float, str]]] = {}
+    for name, by_steps in results.items():
+        by_model[name] = [(e["latency_ms"], e["fad"], f"{s} steps") for s, e in by_steps.items()]
+    plots = [("FAD against latency at batch 1 (lower left is better)",
+              line_plot(by_model, x_label="latency (ms, batch 1)", y_label="FAD", title="quality vs latency",
+                        log_x=True)),
+             ("FAD against sampling steps",
+              line_plot({n: [(int(s), e["fad"], "") for s, e in b.items()] for n, b in results.items()},
+                        x_label="steps", y_label="FAD", title="FAD vs steps", log_x=True))]
+    if rho_records:
+        plots.append(("FAD against the step schedule's rho",
+                      line_plot({"rho sweep": [(r["rho"], r["fad"], f"rho {r['rho']:g}") for r in rho_records]},
+                                x_label="rho", y_label="FAD", title="FAD vs rho", log_x=True)))
+    columns = ["real", *clips]
+    prompt_rows = []
+    for i, (prompt, target) in enumerate(zip(test.prompts, test.targets)):
+        asks = ", ".join(x for x in (f"{target.tempo:g} bpm" if target.tempo else "", target.key or "") if x)
+        details = f"test clip {test.clip_ids[i]}" + (f"; asks for {asks}" if asks else "")
+        audio = {"real": test.prompt_audio[i]} | {label: a[i * seeds] for label, a in clips.items()}
+        prompt_rows.append(PromptRow(prompt=prompt, details=details, clips=audio))
+    html = render_report(title="presto: evaluation on the test split", notes=notes,
+                         table_columns=["model", *TABLE_KEYS], table_rows=rows, plots=plots, columns=columns,
+                         prompts=prompt_rows, sample_rate=test.sample_rate)
+    path.write_text(html, encoding="utf-8")
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+
+
+def check_runs(ctx: StageContext, runs: Sequence[EvalRun]) -> None:
+    """Every run's stage is an upstream of evaluate (so DVC reruns evaluate when it changes) and is built."""
+    from stages.specs import get
+
+    upstream = get(ctx.name).upstream
+    for i, run in enumerate(runs):
+        if run.stage not in upstream:
+            raise ParamsError(f"evaluate.runs[{i}].stage = {run.stage!r} is not an upstream of evaluate in "
+                              f"stages/specs.py ({', '.join(upstream)}): add it there")
+        folder = ctx.upstream(run.stage)
+        if not (folder / MODEL_DIR).is_dir() or not (folder / EDM_FILE).is_file():
+            raise InputError(f"{folder}: no {MODEL_DIR}/ and {EDM_FILE} for evaluate.runs[{i}] ({run.label}); "
+                             f"run the {run.stage} stage first")
+        if (folder / SCHEDULE_FILE).is_file() and run.recipe.budgets is not None:
+            raise ParamsError(f"evaluate.runs[{i}] ({run.label}): {folder} runs its own layer schedule "
+                              f"({SCHEDULE_FILE}); set recipe.budgets to null")
+
+
+class Models:
+    """The models under evaluation, loaded one at a time, and the clips they generate for the test prompts,
+    each set saved to the checkpoint folder as soon as it exists and read back on a rerun."""
+
+    def __init__(self, ctx: StageContext, test: EvalSet, device: torch.device):
+        self.ctx, self.p, self.test, self.device = ctx, ctx.params.evaluate, test, device
+        self._stage: str | None = None
+        self._generator: Generator | None = None
+
+    def generator(self, stage: str) -> Generator:
+        if stage != self._stage:
+            self._generator = None  # one model in memory at a time
+            files = model_files(self.ctx.root, stage)
+            generator = load_generator(files["model_dir"], vae_dir=files["vae"],
+                                       encode_dir=files["latent_stats"].parent, device=self.device)
+            if generator.sample_rate != self.test.sample_rate:
+                raise InputError(f"{files['latent_stats']}: the model writes {generator.sample_rate} Hz, the test "
+                                 f"clips are {self.test.sample_rate} Hz")
+            self._stage, self._generator = stage, generator
+        return self._generator
+
+    def clips(self, key: str, stage: str, recipe: SamplingRecipe, seeds: Sequence[int]
+              ) -> tuple[np.ndarray, dict[str, float]]:
+        """A clip per prompt and seed, with the NFE of one clip."""
+        return cached(self.ctx.checkpoint_dir, key, lambda: generate_set(
+            self.generator(stage), self.test.prompts, seeds, self.p.seconds, recipe, self.p.batch, key))
+
+    def run(self, run: EvalRun) -> tuple[np.ndarray, dict[str, float]]:
+        """The run's clips (a clip per prompt and seed), NFE and batch-1 latency."""
+        def make() -> tuple[np.ndarray, dict[str, float]]:
+            generator = self.generator(run.stage)
+            audio, info = generate_set(generator, self.test.prompts, self.p.seeds, self.p.seconds, run.recipe,
+                                       self.p.batch, run.label)
+            return audio, info | measure_latency(generator, self.test.prompts[0], self.p.seeds[0], self.p.seconds,
+                                                 run.recipe, self.p.latency_repeats)
+        return cached(self.ctx.checkpoint_dir, f"run-{run.label}", make)
+
+
+def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, info: dict[str, float],
+              budget_ms: float, reference_ms: float) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
+    """The run with N candidates per clip, N as many as fit `budget_ms` (generating and scoring each, at
+    batch 1) up to max_candidates, the best by the selection score kept: (entry, chosen clips, a note), or
+    (None, None, note) when a second candidate does not fit."""
+    p = models.p
+    scores = [scorer.selection_scores(audio)]
+    per_candidate_ms = info["latency_ms"] + scorer.score_ms
+    n = min(p.best_of_n.max_candidates, int(budget_ms // per_candidate_ms))
+    if n < 2:
+        return None, None, (f"best of N for {run.label}: one candidate ({per_candidate_ms:.0f} ms) fills the budget "
+                            f"of {budget_ms:.0f} ms; skipped")
+    candidates = [audio]
+    for j in range(1, n):
+        seeds = [s + j * CANDIDATE_SEED_STRIDE for s in p.seeds]
+        candidate, _ = models.clips(f"candidates-{run.label}-{j}", run.stage, run.recipe, seeds)
+        candidates.append(candidate)
+        scores.append(scorer.selection_scores(candidate))
+    pick = adherence.best_candidates(np.stack(scores, axis=1))
+    chosen = np.stack([candidates[j][i] for i, j in enumerate(pick)])
+    latency = {k: n * v for k, v in info.items() if k.startswith("latency_")}
+    latency["latency_ms"] += n * scorer.score_ms
+    entry = (scorer.score(chosen) | speed(latency, n * info["nfe"], p.seconds, reference_ms)
+             | {"candidates": float(n), "latency_score_ms": n * scorer.score_ms})
+    how = ("CLAP score" if scorer.text is not None else
+           "tempo/key adherence (what the table's tempo and key columns measure: they improve by construction)")
+    return entry, chosen, f"best of N for {run.label}: {n} candidates per prompt within {budget_ms:.0f} ms, by {how}"
+
+
+def rho_sweep(models: Models, scorer: Scorer, run: EvalRun, rhos: Sequence[float],
+              scored: dict[str, Any]) -> list[dict[str, Any]]:
+    """Quality of `run` at each rho of its step schedule (`scored`: the run's own entry, at its own rho)."""
+    records = []
+    for rho in rhos:
+        if rho == run.recipe.rho:
+            entry = scored
+        else:
+            recipe = SamplingRecipe.model_validate(run.recipe.model_dump() | {"rho": rho})
+            audio, _ = models.clips(f"rho-{run.label}-{rho:g}", run.stage, recipe, models.p.seeds)
+            entry = scorer.score(audio)
+        records.append({"run": run.label, "rho": rho} | {k: entry[k] for k in QUALITY_KEYS})
+    return records
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params.evaluate
+    if p.resources.gpus > 0 and not torch.cuda.is_available():
+        raise InputError(f"evaluate.resources.gpus = {p.resources.gpus} but CUDA is not available here")
+    device = torch.device("cuda" if p.resources.gpus > 0 else "cpu")
+    torch.set_num_threads(max(1, int(p.resources.cpus)))
+    check_runs(ctx, p.runs)
+    test = load_test_set(ctx.root, p)
+    embedder = make_embedder(p, device)
+    reference, _ = cached(ctx.checkpoint_dir, "reference-embeddings",
+                          lambda: (embedder.embed(test.reference, test.sample_rate), {}))
+    scorer = Scorer(embedder, test, reference, len(p.seeds), p)
+    ctx.tracker.set_tags({"embedder": embedder.name})
+    models = Models(ctx, test, device)
+
+    progress = Progress("evaluate", len(p.runs), unit="run", every_s=0.0)
+    generated = {}
+    for k, run_ in enumerate(p.runs):
+        generated[run_.label] = models.run(run_)
+        progress.update(k + 1, latency_ms=generated[run_.label][1]["latency_ms"])
+    reference_ms = generated[p.reference_run][1]["latency_ms"]
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for run_ in p.runs:
+        audio, info = generated[run_.label]
+        latency = {k: v for k, v in info.items() if k.startswith("latency_")}
+        entry = scorer.score(audio) | speed(latency, info["nfe"], p.seconds, reference_ms)
+        results.setdefault(run_.name, {})[str(run_.recipe.steps)] = entry
+        print(f"evaluate: {run_.label}: " + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if v is not None),
+              flush=True)
+    clips = {label: audio for label, (audio, _) in generated.items()}
+
+    by_label = {r.label: r for r in p.runs}
+    scaled: dict[str, dict[str, dict[str, Any]]] = {}
+    notes = []
+    for label in p.best_of_n.runs:
+        run_ = by_label[label]
+        entry, chosen, note = best_of_n(models, scorer, run_, *generated[label],
+                                        p.best_of_n.latency_budget_ms or reference_ms, reference_ms)
+        notes.append(note)
+        if entry is not None:
+            scaled.setdefault(f"{run_.name}_best_of_n", {})[str(run_.recipe.steps)] = entry
+            clips[f"{label} best of {int(entry['candidates'])}"] = chosen
+    rho_records = []
+    if p.rho_sweep.rhos:
+        run_ = by_label[p.rho_sweep.run]
+        rho_records = rho_sweep(models, scorer, run_, p.rho_sweep.rhos, results[run_.name][str(run_.recipe.steps)])
+
+    quality, steps = plot_records(results | scaled)
+    for name, records in ((PLOT_QUALITY, quality), (PLOT_STEPS, steps), (PLOT_RHO, rho_records)):
+        (ctx.out_dir / name).write_text(json.dumps(records, indent=1) + "\n")
+    real = scorer.measure(test.prompt_audio)
+    real_scores = {"tempo_error": adherence.tempo_error(test.targets, real),
+                   "key_accuracy": adherence.key_accuracy(test.targets, real),
+                   "key_mirex": adherence.key_mirex(test.targets, real)}
+    notes = [f"{len(test.prompts)} prompts x {len(p.seeds)} seeds, {p.seconds:g} s clips at {test.sample_rate} Hz, "
+             f"against {len(test.reference)} real test clips; embedding {embedder.name}.",
+             f"Latency: batch 1, warm, median of {p.latency_repeats} runs on {device.type} with "
+             f"{torch.get_num_threads()} threads; text encoding, sampling and VAE decode included. "
+             "RTF = seconds of audio per second of latency.",
+             "With few clips FAD is biased upwards: compare runs at equal counts only."
+             + ("" if scorer.text is not None else " On this (non-CLAP) embedding FAD, MMD and PRDC compare our "
+                "models with each other, never with the paper's numbers."),
+             "The last table row scores the real test clips against their own prompts: the tempo and key "
+             "estimators' ceiling."] + notes
+    write_report(ctx.out_dir / REPORT, test=test, results=results | scaled, clips=clips, real_scores=real_scores,
+                 rho_records=rho_records, notes=notes, seeds=len(p.seeds))
+    for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO):
+        ctx.tracker.log_artifact(ctx.out_dir / name)
+    ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None})
+    register_models(ctx, p, results)
+    return results | scaled
+
+
+def register_models(ctx: StageContext, p: EvaluateParams, results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Every evaluated model as presto-<name>, with the recipe of its lowest-FAD run; the alias `best` on
+    Presto-LS when it was evaluated, else on the model whose best run has the lowest FAD."""
+    best = {name: best_run_of(by_steps) for name, by_steps in results.items()}
+    if "presto_ls" in results:
+        chosen = "presto_ls"
+    else:
+        chosen = min(best, key=lambda n: (results[n][best[n]]["fad"] is None, results[n][best[n]]["fad"] or 0.0))
+    stage_of = {r.name: r.stage for r in p.runs}
+    for name, steps in best.items():
+        run_ = next(r for r in p.runs if r.name == name and str(r.recipe.steps) == steps)
+        config = {"recipe": run_.recipe.model_dump(mode="json"), "seconds": p.seconds, "run": run_.label,
+                  "fad": results[name][steps]["fad"]}
+        with bundle(ctx.root, stage_of[name]) as files:
+            ctx.tracker.log_model(name, files, config, BEST_ALIAS if name == chosen else None)
+    ctx.tracker.set_tags({"best_model": f"presto-{chosen}"})

@@ -1,0 +1,169 @@
+"""The train_dit stage body under a real local Ray with Ray Train (one CPU worker) on a synthetic encode
+output: it writes a loadable EMA model, logs curves and samples, and a rerun resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray import cloudpickle
+
+from presto.config import Params, load_params
+from presto.data.latents import (
+    LATENT_STATS,
+    TEXT_ENCODER,
+    LatentShardWriter,
+    LatentStats,
+    save_text_shard,
+)
+from presto.data.shards import MANIFEST, write_manifest
+from presto.errors import InputError
+from presto.generation import EDM_FILE
+from presto.models.checkpoint import load_model, save_model
+from presto.models.dit import DiT
+from presto.models.vae import AudioVAE, VAEConfig
+from presto.text.condition import TextCondition
+from stages import train_dit as stage
+from stages.base import StageContext
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+C, D, SR = 16, 384, 4000  # latent channels (= params' VAE), MiniLM's state size, sample rate
+TINY_VAE = VAEConfig(channels=4, channel_multipliers=[1, 2, 2], strides=[4, 4, 4], latent_channels=C,
+                     dilations=[1], kernel_size=3)  # hop 64: 62.5 frames/s
+FRAMES = 24
+
+
+class FileTracker:
+    """A tracker that travels to Ray workers (pickled by value, see below) and appends to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, metrics, step=None):
+        self._append({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step})
+
+    def log_artifact(self, path, subdir=None):
+        path = Path(path)
+        files = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+        self._append({"artifact": subdir, "files": files})
+
+    def log_text(self, text, name):
+        self._append({"text": name})
+
+    def set_tags(self, tags):
+        self._append({"tags": tags})
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in Path(self.path).read_text().splitlines()]
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+
+
+def make_encode_output(artifacts: Path) -> None:
+    """What the encode stage writes, with latents that carry their caption (so there is something to learn),
+    and a tiny VAE beside it."""
+    encode = artifacts / "encode"
+    encode.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    rows, captions = [], ["low organ drone", "bright piano arpeggio", "slow strings", "fast marimba"]
+    tokens = torch.randn(len(captions), 5, D, generator=g)
+    mask = torch.arange(5)[None, :] < torch.tensor([3, 5, 2, 4])[:, None]
+    save_text_shard(encode / "text-00000.safetensors", TextCondition(tokens * mask[..., None], mask,
+                                                                      torch.randn(len(captions), D, generator=g)))
+    t = torch.arange(FRAMES, dtype=torch.float32)
+    with LatentShardWriter(encode, "latents", 16) as writer:
+        for i in range(24):
+            k = i % len(captions)
+            z = 0.5 * torch.sin(0.3 * (k + 1) * t[None, :] + torch.arange(C)[:, None] * 0.4)
+            shard, index = writer.add(z.to(torch.float16))
+            rows.append({"clip_id": f"clip-{i}", "split": "val" if i >= 20 else "train", "shard": shard,
+                         "index": index, "frames": FRAMES, "captions": [captions[k]],
+                         "caption_refs": [["text-00000.safetensors", k]]})
+    write_manifest(encode / MANIFEST, rows)
+    LatentStats(mean=[0.0] * C, std=[1.0] * C, sigma_data=0.5, hop_length=64, sample_rate=SR,
+                frames_per_second=SR / 64, latent_channels=C).save(encode / LATENT_STATS)
+    (encode / TEXT_ENCODER).write_text(json.dumps({"kind": "minilm", "path": None, "max_tokens": 16}))
+    torch.manual_seed(0)
+    save_model(AudioVAE(TINY_VAE), TINY_VAE, artifacts / "train_vae" / "model")
+
+
+def tiny_params(**train_dit) -> Params:
+    raw = load_params(REPO / "params.yaml").model_dump(mode="json")
+    raw["train_dit"] |= {
+        "model": {"latent_channels": C, "width": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "text_dim": D,
+                  "budget_conditioning": False},
+        "batch": 4, "crop_frames": 16, "log_every": 2, "ckpt_every": 2, "val_every": 4, "val_clips": 4,
+        "val_sigmas": [0.1, 1.0], "sample_seconds": 0.25, "warmup_steps": 0, "workers": 1,
+        "cpus_per_worker": 1, "max_failures": 0,
+        "sample_recipe": raw["train_dit"]["sample_recipe"] | {"steps": 3},
+    } | train_dit
+    return Params.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
+             log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def context(root: Path, params: Params, out: str, tracker: FileTracker) -> StageContext:
+    return StageContext(name="train_dit", params=params, root=root, out_dir=root / out,
+                        checkpoint_dir=root / "checkpoints" / "train_dit" / "fp", fingerprint="fp", tracker=tracker)
+
+
+def test_train_then_resume_from_the_checkpoint(tmp_path: Path, local_ray):
+    make_encode_output(tmp_path / "artifacts")
+    tracker = FileTracker(tmp_path / "tracker.jsonl")
+
+    first = stage.run(context(tmp_path, tiny_params(steps=4, samples=0), "out1", tracker))
+    assert first["steps"] == 4 and first["resumed_from_step"] == 0
+    assert np.isfinite(first["train_loss"]) and np.isfinite(first["val_loss"])
+    model, cfg = load_model(tmp_path / "out1" / "model")
+    assert isinstance(model, DiT) and cfg.width == 32
+    assert json.loads((tmp_path / "out1" / EDM_FILE).read_text()) == {"sigma_data": 0.5, "sigma_min": 0.002,
+                                                                        "sigma_max": 80.0}
+    steps_logged = [r["step"] for r in tracker.records() if "train_loss" in r.get("metrics", {})]
+    assert steps_logged == [2, 4]
+
+    # The same inputs, more steps (as after a crash at step 4): Ray Train finds the run and continues.
+    second = stage.run(context(tmp_path, tiny_params(steps=6, samples=1), "out2", tracker))
+    assert second["steps"] == 6 and second["resumed_from_step"] == 4
+    steps_logged = [r["step"] for r in tracker.records() if "train_loss" in r.get("metrics", {})]
+    assert steps_logged == [2, 4, 6]  # not 2 and 4 again: the rerun did not start over
+    samples = [r for r in tracker.records() if "artifact" in r]
+    assert samples and samples[-1]["artifact"] == "samples/step-00000006"
+    assert {"sample-0.wav", "spectrograms.png", "prompts.txt"} <= set(samples[-1]["files"])
+    assert second["sample_nfe"] == 2 * 3  # CFG++: two evaluations per step
+    resumed, _ = load_model(tmp_path / "out2" / "model")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_inputs_that_do_not_fit_fail_before_training(tmp_path: Path):
+    make_encode_output(tmp_path / "artifacts")
+    encode, vae = tmp_path / "artifacts" / "encode", tmp_path / "artifacts" / "train_vae" / "model"
+    p = tiny_params().train_dit
+    stage.check_inputs(p, encode, vae, samples=1)
+    with pytest.raises(InputError, match="text_dim"):
+        stage.check_inputs(p.model_copy(update={"model": p.model.model_copy(update={"text_dim": 8})}), encode, vae, 0)
+    stats = json.loads((encode / LATENT_STATS).read_text())
+    (encode / LATENT_STATS).write_text(json.dumps(stats | {"sigma_data": 1.0}))
+    with pytest.raises(InputError, match="sigma_data"):
+        stage.check_inputs(p, encode, vae, 0)
+    (encode / LATENT_STATS).write_text(json.dumps(stats))
+    with pytest.raises(InputError, match="train_vae"):
+        stage.check_inputs(p, encode, tmp_path / "nowhere", samples=1)
