@@ -31,7 +31,7 @@ import torch
 from presto.data.latents import LATENT_STATS, LatentDataset, LatentStats
 from presto.diffusion.edm import Denoiser
 from presto.diffusion.sampling import consistency_sigmas, sample_consistency
-from presto.distill.presto_s import PrestoS
+from presto.distill.presto_s import ROLES, PrestoS
 from presto.errors import InputError
 from presto.eval.metrics import frechet_distance
 from presto.generation import EDM_FILE, MODEL_DIR, SamplingRecipe
@@ -96,7 +96,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     head = DiscHead(p.head, in_width=teacher.cfg.width, frame_rate=stats.frames_per_second).to(device)
     method = PrestoS.from_teacher(Denoiser(teacher, edm["sigma_data"]), head, p.method)
     k = p.method.critic_updates_per_generator
-    ctx.tracker.set_tags({role: getattr(p.method, role) for role in ("p_gen", "p_dmd", "p_dsm", "p_gan")}
+    ctx.tracker.set_tags({role: getattr(p.method, role) for role in ROLES}
                          | {"disc_strides": json.dumps(head.strides), "disc_logit_rate": f"{head.logit_rate:.3f}"})
 
     val = _validation_batches(_open_val(encode_dir), p.eval_clips, p.crop_frames, p.batch)
