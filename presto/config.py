@@ -138,6 +138,7 @@ NESTED_SECTIONS: dict[str, str] = {
     "LayerDropRecipe": "presto.distill.presto_l",
     "PrestoSConfig": "presto.distill.presto_s",
     "DiscHeadConfig": "presto.models.disc_head",
+    "BudgetScheduleConfig": "presto.distill.presto_l",
 }
 if TYPE_CHECKING:
     from presto.models.discriminators import STFTDiscriminatorConfig
@@ -145,7 +146,7 @@ if TYPE_CHECKING:
     from presto.generation import SamplingRecipe
     from presto.models.dit import DiTConfig
     from presto.text.encoder import TextEncoderConfig
-    from presto.distill.presto_l import LayerDropRecipe
+    from presto.distill.presto_l import BudgetScheduleConfig, LayerDropRecipe
     from presto.distill.presto_s import PrestoSConfig
     from presto.models.disc_head import DiscHeadConfig
 
@@ -265,7 +266,7 @@ class PrestoSParams(Section):
     iterations: PositiveInt  # critic turns; every method.critic_updates_per_generator-th also updates G
     log_every: PositiveInt
     ckpt_every: PositiveInt
-    recipe: SamplingRecipe  # how the generator samples, written to presto_s.json beside the model
+    recipe: SamplingRecipe  # how the generator samples, written to <stage>.json beside the model
     eval_steps: Annotated[list[PositiveInt], Field(min_length=1)]
     eval_clips: PositiveInt
     resources: Resources
@@ -275,8 +276,16 @@ class PrestoSParams(Section):
         r = self.recipe
         if r.sampler != "consistency" or r.guidance != "none" or r.budgets is not None:
             raise ValueError(f"recipe: a Presto-S generator samples with sampler consistency, guidance none and "
-                             f"budgets null (guidance is distilled in), got {r.sampler}, {r.guidance}, {r.budgets}")
+                             f"budgets null (guidance is distilled in; Presto-LS derives its budgets from its "
+                             f"schedule), got {r.sampler}, {r.guidance}, {r.budgets}")
         return self
+
+
+class PrestoLSParams(PrestoSParams):
+    """Presto-LS (stages/presto_ls.py): Presto-S on presto_l's network, the generator running `schedule`'s layer
+    budgets while the real and fake scores run every block. The other knobs mean what they do in presto_s."""
+
+    schedule: BudgetScheduleConfig  # the generator's blocks per noise band (presto_l's schema, milder)
 
 
 class GenerateParams(Section):
@@ -388,6 +397,7 @@ class Params(Section):
     presto_l: PrestoLParams
     ase: AseParams
     presto_s: PrestoSParams
+    presto_ls: PrestoLSParams
     generate: GenerateParams
     evaluate: EvaluateParams
 

@@ -1,9 +1,10 @@
 """evaluate: every model at every setting worth comparing, scored against the test split; a listening
 report; the models registered for serving.
 
-Each run of params `evaluate.runs` is a model (the out folder of a stage) and a SamplingRecipe. For each,
-the stage generates one clip per prompt and seed (prompts: captions of test clips spread over the test
-split) and scores the clips against real test clips cropped to the same length:
+Each run of params `evaluate.runs` is a model (the out folder of a stage: train_dit, presto_l, ase, presto_s,
+presto_ls) and a SamplingRecipe. For each, the stage generates one clip per prompt and seed (prompts:
+captions of test clips spread over the test split) and scores the clips against real test clips cropped to
+the same length:
 
   quality  fad, mmd (unbiased, RBF bandwidth `mmd_bandwidth`, x1000), density, recall, coverage (k = prdc_k)
            on the configured audio embedding (presto/eval/embedders.py, presto/eval/metrics.py)
@@ -78,8 +79,9 @@ TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_text_ms", "latency_sa
 
 def load_generator(model_dir: str | Path, *, vae_dir: str | Path, encode_dir: str | Path,
                    device: torch.device) -> Generator:
-    """A bundle ready to sample. A model folder with a schedule.json (Presto-L, ASE) runs each noise level at
-    the layer budget it was trained for, with or without the reroute as trained."""
+    """A bundle ready to sample. A model folder with a schedule.json (Presto-L, ASE, Presto-LS) runs each noise
+    level at the layer budget it was trained for, with or without the reroute as trained: at every step
+    count and rho, where a recipe's per-step budgets would fit one grid only."""
     from presto.distill.presto_l import BudgetedDenoiser, load_schedule
 
     model_dir = Path(model_dir)

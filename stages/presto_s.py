@@ -19,6 +19,8 @@ evaluate stage; evaluate scores the audio).
 
 Out: `model/` (the generator, a DiT), `edm.json` (the teacher's EDM constants), `presto_s.json` (the
 sampling recipe: the consistency sampler, its steps and rho) and the metrics.
+
+stages/presto_ls.py runs the same loop (`distil`) with another starting generator: the Presto-L network.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import numpy as np
 import torch
 
+from presto.config import PrestoSParams
 from presto.data.latents import LATENT_STATS, LatentDataset, LatentStats
 from presto.diffusion.edm import Denoiser
 from presto.diffusion.sampling import consistency_sigmas, sample_consistency
@@ -37,6 +40,7 @@ from presto.eval.metrics import frechet_distance
 from presto.generation import EDM_FILE, MODEL_DIR, SamplingRecipe
 from presto.models.checkpoint import save_model
 from presto.models.disc_head import DiscHead
+from presto.models.dit import DiT
 from presto.text.condition import TextCondition
 from presto.training.dit_trainer import autocast, batch_indices, step_generator
 from presto.training.progress import Progress
@@ -80,21 +84,37 @@ def score(generator: Denoiser, batches: list[tuple[torch.Tensor, TextCondition]]
 
 def run(ctx: StageContext) -> dict[str, float]:
     p = ctx.params.presto_s
-    seed = ctx.params.shared.seed
+    device, teacher, edm = load_inputs(ctx, p)
+    summary = distil(ctx, p, device, teacher, edm)
+    (ctx.out_dir / RECIPE_FILE).write_text(p.recipe.model_dump_json(indent=2) + "\n")
+    return summary
+
+
+def load_inputs(ctx: StageContext, p: PrestoSParams) -> tuple[torch.device, DiT, dict[str, float]]:
+    """The device p.resources asks for, and train_dit's model (the teacher) with its EDM constants."""
     if p.resources.gpus > 0 and not torch.cuda.is_available():
-        raise InputError(f"presto_s.resources.gpus = {p.resources.gpus} but CUDA is not available here")
+        raise InputError(f"{ctx.name}.resources.gpus = {p.resources.gpus} but CUDA is not available here")
     device = torch.device("cuda" if p.resources.gpus > 0 else "cpu")
     torch.set_num_threads(max(1, int(p.resources.cpus)))
-
-    encode_dir, teacher_dir = ctx.upstream("encode"), ctx.upstream("train_dit")
-    teacher, edm = load_teacher(teacher_dir, encode_dir, device)
+    teacher_dir = ctx.upstream("train_dit")
+    teacher, edm = load_teacher(teacher_dir, ctx.upstream("encode"), device)
     if teacher.cfg.depth < 2:
         raise InputError(f"{teacher_dir}: the teacher has {teacher.cfg.depth} block; Presto-S's discriminator "
                          "reads a middle block, so it needs at least 2")
+    return device, teacher, edm
+
+
+def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: DiT, edm: dict[str, float],
+           generator: Denoiser | None = None) -> dict[str, float]:
+    """Presto-S for stage ctx.name with params p: trains, scores, and writes model/ (the generator's DiT) and
+    edm.json; the caller writes the sampling recipe. The generator starts as a copy of the teacher unless
+    `generator` is given (presto_ls: the Presto-L network running its layer budgets)."""
+    encode_dir = ctx.upstream("encode")
+    seed = ctx.params.shared.seed
     stats = LatentStats.load(encode_dir / LATENT_STATS)
     seed_everything(seed, HEAD_INIT)
     head = DiscHead(p.head, in_width=teacher.cfg.width, frame_rate=stats.frames_per_second).to(device)
-    method = PrestoS.from_teacher(Denoiser(teacher, edm["sigma_data"]), head, p.method)
+    method = PrestoS.from_teacher(Denoiser(teacher, edm["sigma_data"]), head, p.method, generator)
     k = p.method.critic_updates_per_generator
     ctx.tracker.set_tags({role: getattr(p.method, role) for role in ROLES}
                          | {"disc_strides": json.dumps(head.strides), "disc_logit_rate": f"{head.logit_rate:.3f}"})
@@ -105,13 +125,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if state is not None:
         start, extra = load_state(state, method.modules(), method.optimizers())
         method.iteration, summary = start, extra["summary"]
-        print(f"presto_s: resumes from iteration {start}", flush=True)
-    elif val:  # the teacher as a few-step generator: what distillation starts from
+        print(f"{ctx.name}: resumes from iteration {start}", flush=True)
+    elif val:  # the starting generator as a few-step generator: what distillation starts from
         summary |= score(method.generator, val, p.recipe, p.eval_steps, seed, device, "init_")
     summary["resumed_from_iteration"] = float(start)
 
     train = LatentDataset(encode_dir, "train")
-    progress = Progress("presto_s", p.iterations, start=start, unit="iteration")
+    progress = Progress(ctx.name, p.iterations, start=start, unit="iteration")
     window: list[dict[str, float]] = []
     for it in range(start, p.iterations):
         latents, cond = _batch(train, batch_indices(it, p.batch, len(train), seed, 0, 1), p.crop_frames, seed, 0, it)
@@ -133,8 +153,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         final = score(method.generator, val, p.recipe, p.eval_steps, seed, device, "")
         ctx.tracker.log_metrics(final, step=p.iterations)
         summary |= final
-    generator = method.generator.net
-    save_model(generator, generator.cfg, ctx.out_dir / MODEL_DIR)
+    net = method.generator.net
+    save_model(net, net.cfg, ctx.out_dir / MODEL_DIR)
     (ctx.out_dir / EDM_FILE).write_text(json.dumps(edm, indent=2) + "\n")
-    (ctx.out_dir / RECIPE_FILE).write_text(p.recipe.model_dump_json(indent=2) + "\n")
     return summary | {"iterations": float(p.iterations), "generator_updates": float(p.iterations // k)}

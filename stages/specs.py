@@ -56,6 +56,15 @@ PRESTO_L_CODE: tuple[str, ...] = (
     "presto/data/latents.py", "presto/text/condition.py",
 )
 
+# Presto-LS runs Presto-S's loop (stages/presto_s.py) with the Presto-L network as the generator.
+PRESTO_S_CODE: tuple[str, ...] = (
+    "stages/presto_s.py", "stages/presto_l.py", "stages/train_dit.py", "presto/distill/presto_s.py",
+    "presto/models/disc_head.py", "presto/training/dit_trainer.py", "presto/training/state.py",
+    "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py", "presto/models/checkpoint.py",
+    "presto/diffusion/edm.py", "presto/diffusion/noise.py", "presto/diffusion/sampling.py", "presto/data/latents.py",
+    "presto/text/condition.py", "presto/eval/metrics.py", "presto/generation.py",
+)
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         name="demo_corpus",
@@ -145,14 +154,18 @@ STAGES: tuple[StageSpec, ...] = (
         name="presto_s",
         help="Distil the base DiT into a few-step generator with Presto-S (distribution matching + GAN).",
         params=("shared.seed", "presto_s"),
-        code=("stages/presto_s.py", "stages/presto_l.py", "stages/train_dit.py", "presto/distill/presto_s.py",
-              "presto/models/disc_head.py", "presto/training/dit_trainer.py", "presto/training/state.py",
-              "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py",
-              "presto/models/checkpoint.py", "presto/diffusion/edm.py", "presto/diffusion/noise.py",
-              "presto/diffusion/sampling.py", "presto/data/latents.py", "presto/text/condition.py",
-              "presto/eval/metrics.py", "presto/generation.py"),
+        code=PRESTO_S_CODE,
         upstream=("train_dit", "encode"),
         resources_key="presto_s",
+    ),
+    StageSpec(
+        name="presto_ls",
+        help="Distil the Presto-L model into a few-step generator with Presto-S: the generator runs a milder "
+             "layer schedule, the real and fake scores every block.",
+        params=("shared.seed", "presto_ls"),
+        code=PRESTO_S_CODE + ("stages/presto_ls.py", "presto/distill/presto_l.py"),
+        upstream=("train_dit", "presto_l", "encode"),
+        resources_key="presto_ls",
     ),
     StageSpec(
         name="evaluate",
@@ -164,7 +177,8 @@ STAGES: tuple[StageSpec, ...] = (
               "presto/distill/presto_l.py", "presto/text", "presto/data/analysis.py", "presto/data/music.py",
               "presto/data/shards.py", "presto/data/latents.py", "presto/audio/plots.py"),
         # The models evaluate.runs may name: adding a model is a run in params.yaml and its stage here.
-        upstream=("prepare", "caption", "train_vae", "encode", "train_dit", "presto_l", "ase", "presto_s"),
+        upstream=("prepare", "caption", "train_vae", "encode", "train_dit", "presto_l", "ase", "presto_s",
+                  "presto_ls"),
         plots=(Plot("quality_vs_latency.json", x="latency_ms", y="fad", title="FAD vs latency at batch 1"),
                Plot("fad_vs_steps.json", x="steps", y="fad", title="FAD vs sampling steps"),
                Plot("fad_vs_rho.json", x="rho", y="fad", title="FAD vs the step schedule's rho")),

@@ -7,6 +7,10 @@ Roles, all EDM denoisers D(x; sigma, c) -> x0_hat:
   mu_real  the teacher itself, frozen, read with plain classifier-free guidance of scale w (4.5);
   D        the discriminator head, reads mu_fake's hidden states after its middle block, trained with it.
 
+Presto-LS (Presto! sec. 3.4) is this method with G started from the Presto-L network behind a
+BudgetedDenoiser (presto/distill/presto_l.py): each of G's inputs runs the layer budget of its own sigma_g,
+while mu_fake and mu_real stay full depth. Nothing below depends on how G computes its output.
+
 One iteration on real latents x with condition c (sg = stop-gradient, eps fresh N(0, I) at every use):
 
     x_gen = G(x + sigma_g eps; sigma_g, c),  sigma_g ~ p_gen
@@ -200,13 +204,17 @@ class PrestoS:
         self.iteration = 0  # completed iterations (critic turns); restore it when resuming
 
     @classmethod
-    def from_teacher(cls, teacher: Denoiser, head: nn.Module, cfg: PrestoSConfig) -> "PrestoS":
-        """Generator and fake score as copies of a DiT teacher; the teacher frozen as the real score; the
-        head on the fake score's states after block depth // 2 - 1 (block 14 of 28, counted from 1)."""
+    def from_teacher(cls, teacher: Denoiser, head: nn.Module, cfg: PrestoSConfig,
+                     generator: Denoiser | None = None) -> "PrestoS":
+        """Fake score as a copy of a DiT teacher, and the generator too unless `generator` is given (trained
+        in place: Presto-LS passes the Presto-L network behind a BudgetedDenoiser); the teacher frozen as the
+        real score; the head on the fake score's states after block depth // 2 - 1 (block 14 of 28, counted
+        from 1)."""
         depth = teacher.net.cfg.depth
         if depth < 2:
             raise ValueError(f"the teacher has {depth} block(s); the discriminator needs a middle block")
-        return cls(copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True),
+        generator = copy.deepcopy(teacher) if generator is None else generator
+        return cls(generator.requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True),
                    teacher.eval(), head, cfg, feature_block=depth // 2 - 1,
                    null_cond=lambda cond: teacher.net.null_cond(*cond.mask.shape))
 
