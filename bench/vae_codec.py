@@ -83,10 +83,10 @@ def main() -> None:
     print(f"test split: {len(test)} clips of {audio.shape[-1] / sr:.2f} s at {sr} Hz; latents "
           f"{vae.config.latent_channels} x {sr / vae.hop_length:.2f} frames/s = {rate:.0f} values/s; "
           f"resampling codec at {rate:.0f} Hz")
-    print("| codec | stft_distance | mel_l1 | si_sdr_db |\n|---|---:|---:|---:|")
+    print("| codec | stft_distance | mel_l1 | si_sdr_db | chroma_similarity |\n|---|---:|---:|---:|---:|")
     for who, name in (("vae", "VAE (posterior mean)"), ("resample", f"resample to {rate:.0f} Hz and back")):
         print(f"| {name} | {scores[f'{who}_stft_distance']:.3f} | {scores[f'{who}_mel_l1']:.3f} | "
-              f"{scores[f'{who}_si_sdr_db']:.2f} |")
+              f"{scores[f'{who}_si_sdr_db']:.2f} | {scores[f'{who}_chroma_similarity']:.3f} |")
 
     clips = audio[:args.batch]
     repeats = -(-int(args.long_seconds * sr) // audio.shape[-1])

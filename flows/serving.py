@@ -95,11 +95,10 @@ class PrestoModel(PythonModel):
     """presto.generation.Generator behind MLflow's pyfunc interface: a row per prompt in, a WAV per row out."""
 
     def load_context(self, context: Any) -> None:
-        from presto.generation import SamplingRecipe, resolve_device
-        from stages.evaluate import load_generator
+        from presto.generation import Generator, SamplingRecipe, resolve_device
 
         art = context.artifacts
-        self.generator = load_generator(art["model"], vae_dir=art["vae"], encode_dir=art["encode"],
+        self.generator = Generator.load(art["model"], vae_dir=art["vae"], encode_dir=art["encode"],
                                         device=resolve_device("auto"))
         config = json.loads(Path(art["config"]).read_text())
         self.recipe = SamplingRecipe.model_validate(config["recipe"])

@@ -182,6 +182,7 @@ class EncodeParams(Section):
     text_encoder: TextEncoderConfig
     batch: PositiveInt
     chunk_seconds: PositiveFloat
+    mirror_edges: bool
     shard_clips: PositiveInt
     text_batch: PositiveInt
     shard_captions: PositiveInt

@@ -8,7 +8,8 @@
 A `SamplingRecipe` says how to sample: which sampler of `presto.diffusion.sampling.SAMPLERS`, how many
 steps on which rho grid, which guidance. Every model family is sampled through the same `generate` call:
 the base model (a multistep sampler with CFG++), Presto-S (the `consistency` sampler, guidance `none`),
-Presto-L (a layer budget per noise level, `budgets`). What the network is given besides (x, sigma, text)
+Presto-L, ASE and Presto-LS (a layer budget per noise level: the schedule.json saved beside the model, which
+`Generator.load` applies at every step count and rho, or a recipe's per-step `budgets`). What the network is given besides (x, sigma, text)
 at a noise level is `Generator.net_kwargs`, the one place a new model family plugs in.
 """
 
@@ -30,6 +31,7 @@ from presto.config import PositiveFloat, PositiveInt, Section
 from presto.data.latents import LATENT_STATS, TEXT_ENCODER, LatentStats
 from presto.diffusion.edm import Denoiser
 from presto.diffusion.guidance import CFGPlusPlus, ClassifierFreeGuidance, NFECounter
+from presto.distill.presto_l import SCHEDULE_FILE, BudgetedDenoiser, load_schedule
 from presto.diffusion.sampling import SAMPLERS, PerItemNoise, consistency_sigmas, karras_sigmas, sample
 from presto.errors import InputError
 from presto.models.checkpoint import load_model
@@ -135,13 +137,19 @@ class Generator:
     @classmethod
     def load(cls, model_dir: str | Path, *, vae_dir: str | Path, encode_dir: str | Path,
              device: torch.device) -> "Generator":
-        """A bundle from disk: `model_dir` holds `model/` (a saved DiT) and `edm.json`; see `around`."""
+        """A bundle from disk: `model_dir` holds `model/` (a saved DiT) and `edm.json`; see `around`. A model
+        folder with a schedule.json (Presto-L, ASE, Presto-LS) runs each noise level at the layer budget it was
+        trained for, with or without the reroute as trained."""
         model_dir = Path(model_dir)
         edm = read_edm(model_dir / EDM_FILE)
         dit, _ = load_model(model_dir / MODEL_DIR, device=device)
         if not isinstance(dit, DiT):
             raise InputError(f"{model_dir / MODEL_DIR}: holds a {type(dit).__name__}, not a DiT")
-        return cls.around(dit, edm["sigma_data"], vae_dir=vae_dir, encode_dir=encode_dir, device=device)
+        generator = cls.around(dit, edm["sigma_data"], vae_dir=vae_dir, encode_dir=encode_dir, device=device)
+        if (model_dir / SCHEDULE_FILE).is_file():
+            generator.denoiser = BudgetedDenoiser(generator.dit, edm["sigma_data"],
+                                                  load_schedule(model_dir / SCHEDULE_FILE))
+        return generator
 
     @classmethod
     def around(cls, dit: DiT, sigma_data: float, *, vae_dir: str | Path, encode_dir: str | Path,
@@ -203,6 +211,9 @@ class Generator:
             raise InputError(f"generate: seconds = {seconds} must be a positive number")
         if recipe.budgets is not None and not self.dit.cfg.budget_conditioning:
             raise InputError("the recipe has layer budgets but this model was not trained with budget conditioning")
+        if recipe.budgets is not None and isinstance(self.denoiser, BudgetedDenoiser):
+            raise InputError(f"this model runs its own layer schedule ({SCHEDULE_FILE}); the recipe's budgets "
+                             "must be null")
         batch, device = len(prompts), self.device
         self._sync()
         t0 = time.perf_counter()

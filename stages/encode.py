@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from presto.data.latents import (
     LATENT_STATS,
@@ -42,8 +43,6 @@ CAPTIONS = "captions.jsonl"
 # Upstream keys of the stereo copy, meaningless beside latents of the mono clip. The mono clip's own shard
 # and index are kept as audio_shard / audio_index, so evaluation can find the original audio.
 DROPPED_KEYS = ("stereo_shard", "stereo_index")
-# A channel is reported as collapsed (carrying nothing) when its std is this far below the median channel's.
-COLLAPSED_RATIO = 1e-2
 
 
 def load_vae(folder: Path, sample_rate: int, device: torch.device) -> AudioVAE:
@@ -87,24 +86,26 @@ def batches(rows: list[dict[str, Any]], reader: ShardReader, size: int):
 
 @torch.no_grad()
 def encode_audio(ctx: StageContext, vae: AudioVAE, rows: list[dict[str, Any]],
-                 device: torch.device) -> tuple[list[dict[str, Any]], list[str], LatentStats, float]:
+                 device: torch.device) -> tuple[list[dict[str, Any]], list[str], LatentStats, Tensor, float]:
     """Pass 1 and 2: latent shards in ctx.out_dir; returns (rows with shard/index/frames, shard names,
-    statistics, audio seconds encoded)."""
+    statistics, the mean posterior std per channel over the train latents, audio seconds encoded)."""
     p = ctx.params.encode
     sr = ctx.params.shared.sample_rate
     chunk_frames = max(1, round(p.chunk_seconds * sr / vae.hop_length))
     reader = ShardReader(ctx.root / "artifacts")
     moments = ChannelMoments(vae.config.latent_channels)
+    posterior = ChannelMoments(vae.config.latent_channels)  # of the posterior std: only its mean is used
     out_rows: list[dict[str, Any]] = []
     audio_seconds = 0.0
     progress = Progress("encode: audio", len(rows), unit="clip")
     with LatentShardWriter(ctx.out_dir, "latents", p.shard_clips) as writer:
         for group, audio in batches(rows, reader, p.batch):
-            mean, _ = vae.encode_long(audio.to(device), chunk_frames)
+            mean, std = vae.encode_long(audio.to(device), chunk_frames, mirror_edges=p.mirror_edges)
             mean = mean.float().cpu()
             train = torch.tensor([r["split"] == "train" for r in group])
             if train.any():
                 moments.add(mean[train])
+                posterior.add(std.float().cpu()[train])
             for row, z in zip(group, mean):
                 shard, index = writer.add(z)
                 kept = {k: v for k, v in row.items() if k not in ("shard", "index", *DROPPED_KEYS)}
@@ -122,7 +123,7 @@ def encode_audio(ctx: StageContext, vae: AudioVAE, rows: list[dict[str, Any]],
                         latent_channels=vae.config.latent_channels)
     for name in names:
         normalise_shard(ctx.out_dir / name, stats)
-    return out_rows, names, stats, audio_seconds
+    return out_rows, names, stats, posterior.mean_std()[0].float(), audio_seconds
 
 
 def _stack(items: list[tuple[torch.Tensor, torch.Tensor]]) -> TextCondition:
@@ -167,7 +168,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    encoded, latent_shards, stats, audio_seconds = encode_audio(ctx, vae, rows, device)
+    encoded, latent_shards, stats, posterior_std, audio_seconds = encode_audio(ctx, vae, rows, device)
     audio_wall = time.perf_counter() - start
     stats.save(ctx.out_dir / LATENT_STATS)
 
@@ -184,16 +185,20 @@ def run(ctx: StageContext) -> dict[str, float]:
                          "analysis": clip.get("analysis", {})})
     write_manifest(ctx.out_dir / MANIFEST, out_rows)
 
-    std = torch.tensor(stats.std)
+    # A channel whose posterior mean varies less across the corpus than the encoder's own posterior noise
+    # carries next to no information (posterior collapse): the decoder was trained to ignore it.
+    snr = torch.tensor(stats.std) / posterior_std
     metrics: dict[str, float] = {
         "clips": len(out_rows),
         "clips_train": sum(r["split"] == "train" for r in out_rows),
         "latent_shards": len(latent_shards),
         "latent_channels": stats.latent_channels,
         "frames_per_second": stats.frames_per_second,
-        "latent_std_min": float(std.min()),
-        "latent_std_max": float(std.max()),
-        "collapsed_channels": int((std < COLLAPSED_RATIO * std.median()).sum()),
+        "latent_std_min": min(stats.std),
+        "latent_std_max": max(stats.std),
+        "latent_snr_min": float(snr.min()),
+        "latent_snr_median": float(snr.median()),
+        "informative_channels": int((snr > 1).sum()),
         "captions": len(all_captions),
         "captions_unique": len(refs),
         "text_shards": text_shards,

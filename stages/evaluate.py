@@ -53,11 +53,11 @@ from presto.data.shards import MANIFEST, ShardReader, read_manifest
 from presto.errors import InputError, ParamsError
 from presto.eval import adherence, metrics
 from presto.eval.adherence import Measured, Target
+from presto.distill.presto_l import SCHEDULE_FILE
 from presto.generation import EDM_FILE, MODEL_DIR, Generator, SamplingRecipe
 from presto.training.progress import Progress
 from stages.base import StageContext
 from stages.caption import CAPTIONS
-from stages.presto_l import SCHEDULE_FILE
 from stages.train_dit import VAE_MODEL
 
 REPORT = "report.html"
@@ -75,21 +75,6 @@ TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_text_ms", "latency_sa
 
 
 # ---- the models -----------------------------------------------------------------------------------------
-
-
-def load_generator(model_dir: str | Path, *, vae_dir: str | Path, encode_dir: str | Path,
-                   device: torch.device) -> Generator:
-    """A bundle ready to sample. A model folder with a schedule.json (Presto-L, ASE, Presto-LS) runs each noise
-    level at the layer budget it was trained for, with or without the reroute as trained: at every step
-    count and rho, where a recipe's per-step budgets would fit one grid only."""
-    from presto.distill.presto_l import BudgetedDenoiser, load_schedule
-
-    model_dir = Path(model_dir)
-    generator = Generator.load(model_dir, vae_dir=vae_dir, encode_dir=encode_dir, device=device)
-    if (model_dir / SCHEDULE_FILE).is_file():
-        schedule = load_schedule(model_dir / SCHEDULE_FILE)
-        generator.denoiser = BudgetedDenoiser(generator.dit, generator.denoiser.sigma_data, schedule)
-    return generator
 
 
 def model_files(root: Path, stage: str) -> dict[str, Path]:
@@ -387,7 +372,7 @@ class Models:
         if stage != self._stage:
             self._generator = None  # one model in memory at a time
             files = model_files(self.ctx.root, stage)
-            generator = load_generator(files["model_dir"], vae_dir=files["vae"],
+            generator = Generator.load(files["model_dir"], vae_dir=files["vae"],
                                        encode_dir=files["latent_stats"].parent, device=self.device)
             if generator.sample_rate != self.test.sample_rate:
                 raise InputError(f"{files['latent_stats']}: the model writes {generator.sample_rate} Hz, the test "

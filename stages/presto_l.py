@@ -28,6 +28,7 @@ import torch
 from presto.data.latents import LATENT_STATS, LatentDataset, LatentStats
 from presto.diffusion.edm import Denoiser
 from presto.distill.presto_l import (
+    SCHEDULE_FILE,
     BudgetedDenoiser,
     PrestoLConfig,
     PrestoLTrainer,
@@ -44,7 +45,6 @@ from presto.training.state import latest_state
 from stages.base import StageContext
 from stages.train_dit import _batch, _open_val, _validation_batches
 
-SCHEDULE_FILE = "schedule.json"
 
 
 def fine_tune_config(ctx: StageContext) -> PrestoLConfig:

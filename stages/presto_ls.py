@@ -19,13 +19,19 @@ from pathlib import Path
 
 import torch
 
-from presto.distill.presto_l import BudgetedDenoiser, BudgetSchedule, expected_compute, load_schedule, save_schedule
+from presto.distill.presto_l import (
+    SCHEDULE_FILE,
+    BudgetedDenoiser,
+    BudgetSchedule,
+    expected_compute,
+    load_schedule,
+    save_schedule,
+)
 from presto.errors import InputError
 from presto.generation import EDM_FILE, MODEL_DIR, SamplingRecipe, read_edm
 from presto.models.checkpoint import load_model
 from presto.models.dit import DiT
 from stages.base import StageContext
-from stages.presto_l import SCHEDULE_FILE
 from stages.presto_s import distil, load_inputs
 
 RECIPE_FILE = "presto_ls.json"

@@ -62,7 +62,7 @@ PRESTO_S_CODE: tuple[str, ...] = (
     "presto/models/disc_head.py", "presto/training/dit_trainer.py", "presto/training/state.py",
     "presto/training/progress.py", "presto/models/dit.py", "presto/models/attention.py", "presto/models/checkpoint.py",
     "presto/diffusion/edm.py", "presto/diffusion/noise.py", "presto/diffusion/sampling.py", "presto/data/latents.py",
-    "presto/text/condition.py", "presto/eval/metrics.py", "presto/generation.py",
+    "presto/text/condition.py", "presto/eval/metrics.py", "presto/generation.py", "presto/distill/presto_l.py",
 )
 
 STAGES: tuple[StageSpec, ...] = (
@@ -163,7 +163,7 @@ STAGES: tuple[StageSpec, ...] = (
         help="Distil the Presto-L model into a few-step generator with Presto-S: the generator runs a milder "
              "layer schedule, the real and fake scores every block.",
         params=("shared.seed", "presto_ls"),
-        code=PRESTO_S_CODE + ("stages/presto_ls.py", "presto/distill/presto_l.py"),
+        code=PRESTO_S_CODE + ("stages/presto_ls.py",),
         upstream=("train_dit", "presto_l", "encode"),
         resources_key="presto_ls",
     ),

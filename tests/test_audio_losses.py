@@ -15,6 +15,8 @@ from presto.models.audio_losses import (
     feature_matching_loss,
     generator_adversarial_loss,
     kl_divergence,
+    chroma_fft_size,
+    chroma_similarity,
     log_mel_l1,
     multi_resolution_stft_loss,
     reconstruction_metrics,
@@ -140,8 +142,41 @@ def test_reconstruction_metrics_are_the_functions():
         "stft_distance": pytest.approx(multi_resolution_stft_loss(pred, target, FFT_SIZES).item()),
         "mel_l1": pytest.approx(log_mel_l1(pred, target, 16000, 512, 40).item()),
         "si_sdr_db": pytest.approx(si_sdr(pred, target).mean().item()),
+        "chroma_similarity": pytest.approx(chroma_similarity(pred, target, 16000).mean().item()),
     }
     assert metrics["si_sdr_db"] == pytest.approx(20.0, abs=0.5)  # noise at -20 dB
+
+
+def sine(hz: float, seconds: float = 1.0, sr: int = 16000, amp: float = 0.5) -> torch.Tensor:
+    t = torch.arange(int(seconds * sr)) / sr
+    return (amp * torch.sin(2 * torch.pi * hz * t))[None, None]
+
+
+def test_chroma_fft_size_gives_about_4_hz_bins():
+    assert chroma_fft_size(16000) == 4096 and chroma_fft_size(44100) == 8192 and chroma_fft_size(48000) == 16384
+
+
+def test_chroma_similarity_hears_pitch_classes_not_gain_timbre_or_octave():
+    a4, a5, c5 = sine(440.0), sine(880.0), sine(523.25)
+    same = lambda x, y: chroma_similarity(x, y, 16000).item()
+    assert same(a4, a4) == pytest.approx(1.0, abs=1e-6)
+    assert same(0.1 * a4, a4) == pytest.approx(1.0, abs=1e-6)  # gain
+    assert same(a5, a4) > 0.95  # octave
+    bright = a4 + 0.3 * sine(1320.0) + 0.2 * sine(2200.0)  # harmonics 3 and 5: E and C#, weaker
+    assert same(bright, a4) > 0.6
+    assert same(c5, a4) < 0.1  # a minor third away: another pitch class
+    # Two clips in a batch are scored separately, and a silent target frame is left out.
+    batch = torch.cat([a4, c5])
+    assert chroma_similarity(batch, torch.cat([a4, a4]), 16000).tolist() == pytest.approx([1.0, same(c5, a4)])
+    half = torch.cat([a4[..., :8000], torch.zeros(1, 1, 8000)], dim=-1)
+    # Counted, the silent frames would score 0 and pull the mean to about 0.5; only the frames whose window
+    # straddles the switch see both notes.
+    assert same(half + torch.cat([torch.zeros(1, 1, 8000), c5[..., :8000]], dim=-1), half) > 0.8
+
+
+def test_chroma_similarity_of_a_clip_shorter_than_the_fft():
+    short = sine(440.0, seconds=0.05)
+    assert chroma_similarity(short, short, 16000).item() == pytest.approx(1.0, abs=1e-6)
 
 
 DISC = STFTDiscriminatorConfig(channels=4, fft_sizes=[128, 256], dilations=[1, 2])

@@ -48,6 +48,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def direct_encode(vae: AudioVAE, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole clip in one `encode`, extended by its mirror image (encode.mirror_edges) by hand."""
+    margin = vae.context_frames * vae.hop_length
+    padded = torch.from_numpy(np.pad(audio, margin, mode="reflect"))[None, None]
+    mean, std = vae.encode(padded)
+    frames = len(audio) // vae.hop_length
+    ctx = vae.context_frames
+    return mean[0, :, ctx:ctx + frames], std[0, :, ctx:ctx + frames]
+
+
 class Recorder:
     def __init__(self):
         self.metrics, self.artifacts = [], []
@@ -141,11 +151,27 @@ def test_latents_equal_a_direct_whole_clip_encode(encoded):
     rows = {r["clip_id"]: r for r in read_manifest(ctx.out_dir / "manifest.jsonl")}
     for k, (clip_id, _, samples, _) in enumerate(CLIPS):
         with torch.no_grad():
-            z = vae.encode(torch.from_numpy(clip_audio(k, samples))[None, None])[0][0]
+            z = direct_encode(vae, clip_audio(k, samples))[0]
         expected = (z - mean) / std * 0.5
         assert rows[clip_id]["frames"] == samples // 32
         torch.testing.assert_close(stored_latents(ctx.out_dir, rows[clip_id]), expected, atol=3e-3, rtol=2e-3)
         torch.testing.assert_close(stats.denormalise(expected), z, atol=1e-5, rtol=1e-5)
+
+
+def test_signal_to_noise_of_the_latents(encoded):
+    """snr_c = spread of channel c's posterior mean over the train latents / its mean posterior std."""
+    _, metrics, vae = encoded
+    means, stds = [], []
+    with torch.no_grad():
+        for k, (_, split, samples, _) in enumerate(CLIPS):
+            if split == "train":
+                m, s = direct_encode(vae, clip_audio(k, samples))
+                means.append(m)
+                stds.append(s)
+    snr = torch.cat(means, -1).std(-1, correction=0) / torch.cat(stds, -1).mean(-1)
+    assert metrics["latent_snr_min"] == pytest.approx(snr.min().item(), rel=1e-4)
+    assert metrics["latent_snr_median"] == pytest.approx(snr.median().item(), rel=1e-4)
+    assert metrics["informative_channels"] == int((snr > 1).sum())
 
 
 def test_manifest_rows_carry_refs_and_metadata(encoded):

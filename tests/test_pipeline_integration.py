@@ -59,6 +59,8 @@ TINY = {
     "layer_dropping": {"steps": 4, "batch": 4, "log_every": 2, "ckpt_every": 2, "val_every": 4, "val_clips": 2},
     "presto_s": {"iterations": 10, "batch": 4, "log_every": 5, "ckpt_every": 5, "eval_clips": 2,
                  "eval_steps": [1, 2]},
+    "presto_ls": {"iterations": 10, "batch": 4, "log_every": 5, "ckpt_every": 5, "eval_clips": 2,
+                  "eval_steps": [1, 2]},
     "evaluate": {"n_prompts": 3, "reference_clips": 3, "prdc_k": 2, "seconds": 1.0, "latency_repeats": 1,
                  "rho_sweep": {"run": "presto_s/4", "rhos": []},
                  "best_of_n": {"runs": [], "max_candidates": 2, "latency_budget_ms": None}},
@@ -117,9 +119,11 @@ def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None
         assert len(run["tags"]["presto.fingerprint"]) == 16
         assert run["tags"]["mlflow.source.git.commit"] != "unknown"
         assert "prefect.flow_run_id" in run["tags"]
-        assert "shared.seed" in run["params"]
-        assert any(k.startswith(f"{name}.") for k in run["params"]), "the stage's own params, dotted"
-        assert not any(k.startswith("caption.") for k in run["params"]) or name == "caption"
+        declared = next(s for s in STAGES if s.name == name).params
+        assert all(any(k == d or k.startswith(f"{d}.") for d in declared) for k in run["params"]), \
+            "only the params the stage reads"
+        assert all(any(k == d or k.startswith(f"{d}.") for k in run["params"]) for d in declared), \
+            "every param the stage reads, dotted"
         assert "stage_seconds" in run["metrics"]
     assert stages["augment"]["tags"]["presto.upstream.prepare"] == stages["prepare"]["id"]
     assert stages["caption"]["tags"]["presto.upstream.augment"] == stages["augment"]["id"]
@@ -135,10 +139,10 @@ def test_param_change_marks_only_that_stage_and_descendants(project: Path) -> No
     original = (project / "params.yaml").read_text()
     try:
         _set_params(project, augment={"stretch_rates": [0.8]})
-        status = _run(["dvc", "status", "--json", *LEAVES], project).stdout
+        status = _run(["dvc", "status", "--with-deps", "--json", *LEAVES], project).stdout
         assert set(json.loads(status)) == {"augment"}, "only the stage whose param changed is stale"
         _run(["dvc", "repro", "--single-item", "augment"], project)
-        status = _run(["dvc", "status", "--json", *LEAVES], project).stdout
+        status = _run(["dvc", "status", "--with-deps", "--json", *LEAVES], project).stdout
         children = {s.name for s in STAGES if "augment" in s.upstream}
         assert set(json.loads(status)) == children, "its descendants follow"
     finally:
@@ -166,7 +170,7 @@ def test_failing_stage_keeps_upstream_outputs_and_says_why(project: Path) -> Non
     # DVC cleared prepare's out before running it; its previous version is in the DVC cache.
     _run(["dvc", "checkout", "prepare"], project)
     assert (project / "artifacts" / "prepare" / "manifest.jsonl").is_file()
-    assert "prepare" not in json.loads(_run(["dvc", "status", "--json", *LEAVES], project).stdout)
+    assert "prepare" not in json.loads(_run(["dvc", "status", "--with-deps", "--json", *LEAVES], project).stdout)
 
 
 def _free_port() -> int:

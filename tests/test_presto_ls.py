@@ -17,6 +17,7 @@ import torch
 from presto.config import Params, load_params
 from presto.diffusion.edm import Denoiser, per_item_sigma
 from presto.distill.presto_l import (
+    SCHEDULE_FILE,
     BudgetedDenoiser,
     BudgetSchedule,
     BudgetScheduleConfig,
@@ -32,8 +33,6 @@ from presto.models.disc_head import DiscHead, DiscHeadConfig
 from presto.models.dit import DiT, DiTBlock, DiTConfig, layer_schedule
 from presto.text.condition import TextCondition
 from stages import presto_ls as stage
-from stages.evaluate import load_generator
-from stages.presto_l import SCHEDULE_FILE
 from test_presto_l_stage import EDM, ListTracker, context, project  # noqa: F401 (project is a fixture)
 from test_presto_s import make_cfg
 
@@ -207,15 +206,18 @@ def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project
     # running the model (its schedule.json, per noise level, the recipe's budgets null).
     art = project / "artifacts"
     bundle = {"vae_dir": art / "train_vae" / MODEL_DIR, "encode_dir": art / "encode", "device": torch.device("cpu")}
-    by_recipe = Generator.load(out, **bundle)
+    net, _ = load_model(out / MODEL_DIR)
+    by_recipe = Generator.around(net, EDM["sigma_data"], **bundle)  # the bare network: the recipe's budgets
     ran: list[int] = []
     for i, block in enumerate(by_recipe.dit.blocks):
         block.register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i))
     audio, timings = by_recipe.generate(["slow strings"], 0.25, [3], recipe)
     assert ran == [b for budget in recipe.budgets for b in layer_schedule(budget, DEPTH, reroute=True)]
     assert len(ran) == 12 < DEPTH * recipe.steps and timings["nfe"] == recipe.steps
-    by_schedule = load_generator(out, **bundle)
+    by_schedule = Generator.load(out, **bundle)
     assert isinstance(by_schedule.denoiser, BudgetedDenoiser)
+    with pytest.raises(InputError, match="runs its own layer schedule"):
+        by_schedule.generate(["slow strings"], 0.25, [3], recipe)
     same, _ = by_schedule.generate(["slow strings"], 0.25, [3], recipe.model_copy(update={"budgets": None}))
     torch.testing.assert_close(torch.from_numpy(same), torch.from_numpy(audio))
 

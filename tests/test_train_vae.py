@@ -167,7 +167,7 @@ def test_codec_comparison_keys_and_a_perfect_baseline():
     scores = codec_comparison(vae, audio, sample_rate=SR, batch=1, fft_sizes=FFT_SIZES, mel_fft_size=256,
                               n_mels=16)
     assert set(scores) == {f"{who}_{m}" for who in ("vae", "resample") for m in ("stft_distance", "mel_l1",
-                                                                                   "si_sdr_db")}
+                                                                                   "si_sdr_db", "chroma_similarity")}
     assert scores["resample_stft_distance"] == pytest.approx(0.0, abs=1e-6)  # at the full rate: the identity
     assert scores["vae_stft_distance"] > 0.1  # an untrained VAE is no codec
 
@@ -240,7 +240,7 @@ def test_stage_writes_a_loadable_model_and_metrics(straight):
     assert info == {"sample_rate": SR, "hop_length": 32, "latent_channels": 8, "frames_per_second": SR / 32,
                     "values_per_second": 8 * SR / 32}
     assert metrics["steps"] == 6 and metrics["steps_this_run"] == 6 and metrics["val_clips"] == 2
-    for key in ("stft_distance", "mel_l1", "si_sdr_db"):
+    for key in ("stft_distance", "mel_l1", "si_sdr_db", "chroma_similarity"):
         assert math.isfinite(metrics[f"val_vae_{key}"]) and math.isfinite(metrics[f"val_resample_{key}"])
     assert metrics["compression"] == 4.0
 

@@ -137,6 +137,40 @@ def test_chunked_encode_matches_whole():
     assert (mean_0 - mean).abs().max() > 1e-2
 
 
+def mirrored(audio: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """numpy's reflect padding (it mirrors back and forth when the pad exceeds the signal): the reference."""
+    import numpy as np
+
+    return torch.from_numpy(np.pad(audio.numpy(), [(0, 0), (0, 0), (left, right)], mode="reflect"))
+
+
+@torch.no_grad()
+def test_mirror_edges_encodes_the_mirrored_signal_and_drops_the_margin():
+    vae = tiny_vae()
+    hop, ctx = vae.hop_length, vae.context_frames
+    audio = torch.randn(2, 1, 32 * 40 + 5)
+    expected_mean, expected_std = vae.encode(mirrored(audio, ctx * hop, ctx * hop + 32 - 5))
+    mean, std = vae.encode_long(audio, chunk_frames=7, mirror_edges=True)
+    assert mean.shape == (2, 8, 41)
+    torch.testing.assert_close(mean, expected_mean[..., ctx:ctx + 41], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, expected_std[..., ctx:ctx + 41], atol=1e-5, rtol=1e-5)
+    # Interior frames, out of reach of either boundary, do not depend on how the edges are treated.
+    plain, _ = vae.encode_long(audio, chunk_frames=7)
+    torch.testing.assert_close(mean[..., ctx:-ctx - 1], plain[..., ctx:-ctx - 1], atol=1e-5, rtol=1e-5)
+    assert (mean[..., 0] - plain[..., 0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_mirror_edges_of_a_clip_shorter_than_the_margin():
+    vae = tiny_vae()
+    hop, ctx = vae.hop_length, vae.context_frames
+    audio = torch.randn(1, 1, 3 * hop)  # shorter than context_frames * hop: mirrored back and forth
+    assert 3 < ctx
+    expected, _ = vae.encode(mirrored(audio, ctx * hop, ctx * hop))
+    mean, _ = vae.encode_long(audio, chunk_frames=2, mirror_edges=True)
+    torch.testing.assert_close(mean, expected[..., ctx:ctx + 3], atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_chunked_decode_matches_whole_without_seams():
     vae = tiny_vae()
@@ -226,3 +260,17 @@ def test_ema_copies_buffers():
     ema.update(model)
     assert torch.equal(ema.shadow["running_mean"], model.running_mean)
     assert ema.shadow["num_batches_tracked"] == 1
+
+
+@torch.no_grad()
+def test_posterior_std_is_the_shifted_softplus_and_starts_below_the_means_spread():
+    from presto.models.vae import MIN_STD, STD_SHIFT
+
+    vae = tiny_vae()
+    audio = 0.3 * torch.randn(2, 1, 32 * 40)
+    mean, std = vae.encode(audio)
+    raw_mean, pre_scale = vae.encoder(audio).chunk(2, dim=1)
+    torch.testing.assert_close(mean, raw_mean)
+    torch.testing.assert_close(std, torch.nn.functional.softplus(pre_scale + STD_SHIFT) + MIN_STD)
+    # What the shift is for: a fresh encoder's latents are not drowned by the posterior's noise.
+    assert std.mean() < mean.std(dim=(0, 2)).mean()

@@ -46,6 +46,7 @@ from presto.training.state import load_state, save_state
 
 Mode = Literal["presto_l", "ase"]
 SCHEDULE_FORMAT = "presto-budget-schedule/1"
+SCHEDULE_FILE = "schedule.json"  # beside a budgeted model's model/ folder: the schedule it was trained with
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 

@@ -6,15 +6,18 @@ Training losses (generator side unless named otherwise):
     adversarial (hinge)     generator: relu(1 - D(fake)); discriminator: relu(1 - D(real)) + relu(1 + D(fake))
     feature matching        L1 between the discriminator's hidden features on real and on generated audio
 
-Reporting metrics: multi-resolution STFT distance, log-mel L1, SI-SDR (dB).
+Reporting metrics: multi-resolution STFT distance, log-mel L1, SI-SDR (dB), chroma similarity (are the notes
+kept: a codec can match the spectral envelope and lose the pitches, which the other three barely see).
 
 Audio is [B, 1, N] (or [B, N]); every STFT uses a Hann window and hop = n_fft / 4.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import librosa
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -131,12 +134,47 @@ def si_sdr(pred: Tensor, target: Tensor) -> Tensor:
     return 10.0 * torch.log10(projection.pow(2).sum(dim=-1) / residual.pow(2).sum(dim=-1))
 
 
+def chroma_fft_size(sample_rate: int) -> int:
+    """The power of two nearest sample_rate / 4: bins of about 4 Hz, which separate semitones down to C2."""
+    return 2 ** round(math.log2(sample_rate / 4))
+
+
+def chroma_similarity(pred: Tensor, target: Tensor, sample_rate: int) -> Tensor:
+    """Per clip [B]: the mean over frames of the cosine between the 12-bin chroma vectors of pred and target.
+
+    chroma = C |STFT|^2 with C librosa's chroma filterbank (A440 tuning), n_fft = chroma_fft_size, hop n_fft / 4.
+    1 when the pitch classes sound in the same proportions; insensitive to gain, timbre and octave.
+    Frames where the target is silent (chroma energy 1e-8 of its loudest frame or less) are left out; clips
+    shorter than half the FFT are zero-padded to it.
+    """
+    pred, target = _mono(pred), _mono(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+    n_fft = chroma_fft_size(sample_rate)
+    if target.shape[-1] <= n_fft // 2:  # too short for the STFT's reflect padding: zeros stand in
+        pred, target = (F.pad(x, (0, n_fft - x.shape[-1])) for x in (pred, target))
+    filters = torch.from_numpy(librosa.filters.chroma(sr=sample_rate, n_fft=n_fft)).to(pred)
+
+    def chroma(audio: Tensor) -> Tensor:
+        window = torch.hann_window(n_fft, device=audio.device, dtype=audio.dtype)
+        spec = torch.stft(audio, n_fft, n_fft // 4, window=window, return_complex=True).abs().pow(2)
+        return torch.einsum("cf,bft->bct", filters, spec)
+
+    c_pred, c_true = chroma(pred), chroma(target)
+    energy = c_true.norm(dim=1)  # [B, frames]
+    voiced = energy > 1e-8 * energy.amax(dim=1, keepdim=True).clamp_min(torch.finfo(energy.dtype).tiny)
+    cosine = F.cosine_similarity(c_pred, c_true, dim=1, eps=1e-12)
+    return (cosine * voiced).sum(dim=1) / voiced.sum(dim=1).clamp_min(1)
+
+
 @torch.no_grad()
 def reconstruction_metrics(pred: Tensor, target: Tensor, *, sample_rate: int, fft_sizes: Sequence[int],
                            mel_fft_size: int, n_mels: int) -> dict[str, float]:
-    """Batch means of the reporting metrics: stft_distance, mel_l1 (lower is better), si_sdr_db (higher)."""
+    """Batch means of the reporting metrics: stft_distance, mel_l1 (lower is better), si_sdr_db and
+    chroma_similarity (higher)."""
     return {
         "stft_distance": multi_resolution_stft_loss(pred, target, fft_sizes).item(),
         "mel_l1": log_mel_l1(pred, target, sample_rate, mel_fft_size, n_mels).item(),
         "si_sdr_db": si_sdr(pred, target).mean().item(),
+        "chroma_similarity": chroma_similarity(pred, target, sample_rate).mean().item(),
     }

@@ -5,7 +5,7 @@
     decoder: conv(latent -> widest) | per stage, in reverse: Snake, transposed conv (kernel 2s, stride s),
              residual units | Snake, conv -> 1
 
-The encoder's head gives a mean and a pre-scale per latent channel; std = softplus(pre-scale) + MIN_STD.
+The encoder's head gives a mean and a pre-scale per latent channel; std = softplus(pre-scale + STD_SHIFT) + MIN_STD.
 One latent frame covers `hop_length` = prod(strides) samples.
 
 The network has no normalisation across time and no attention: every output depends only on a finite
@@ -31,6 +31,11 @@ from presto.config import PositiveInt, Section
 
 # Floor on the posterior std: keeps log(std) in the KL finite when the encoder pushes a channel to zero.
 MIN_STD = 1e-4
+# The posterior starts nearly deterministic (std ~ softplus(-4) = 0.018, not softplus(0) = 0.69): a fresh
+# encoder's means spread ~0.02, so unit-scale noise hides them from the decoder, which then learns only the
+# average spectrum and, on a short budget, never recovers (posterior collapse). Measured on the demo corpus
+# at 600 steps: chroma similarity 0.55 -> 0.73, log-mel L1 0.74 -> 0.50. The KL term still moves std freely.
+STD_SHIFT = -4.0
 # Floor on Snake's alpha: exp(log_alpha) underflows to 0 in float32 below log_alpha ~ -103, and 0/0 is NaN.
 # Near the floor snake(x) ~ x + alpha x^2, so the floor changes nothing measurable.
 SNAKE_MIN_ALPHA = 1e-9
@@ -193,7 +198,7 @@ class AudioVAE(nn.Module):
         """Posterior q(z | audio) as (mean, std), each [B, latent_channels, N / hop_length]."""
         self._check_audio(audio)
         mean, pre_scale = self.encoder(audio).chunk(2, dim=1)
-        return mean, F.softplus(pre_scale) + MIN_STD
+        return mean, F.softplus(pre_scale + STD_SHIFT) + MIN_STD
 
     @staticmethod
     def sample(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -214,25 +219,35 @@ class AudioVAE(nn.Module):
         mean, std = self.encode(audio)
         return self.decode(self.sample(mean, std)), mean, std
 
-    def encode_long(self, audio: Tensor, chunk_frames: int,
-                    overlap_frames: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode_long(self, audio: Tensor, chunk_frames: int, overlap_frames: int | None = None,
+                    mirror_edges: bool = False) -> tuple[Tensor, Tensor]:
         """`encode` of audio of any length, `chunk_frames` latent frames at a time, each seen with
         `overlap_frames` of context per side (default `context_frames`: equal to encoding it whole).
 
-        The audio is zero-padded at the end to a whole number of frames: ceil(N / hop_length) frames out.
+        The audio is padded at the end to a whole number of frames: ceil(N / hop_length) frames out. By
+        default the padding is zeros, as in `encode`. With `mirror_edges` the audio is instead extended by
+        its mirror image, `context_frames` beyond each end, and those frames are dropped again: no kept frame
+        sees the signal's boundary. A clip cut from a longer track then gets edge latents like those of its
+        interior, not the outliers an encoder trained on zero-padded crops gives at a boundary.
         """
         if audio.ndim != 3 or audio.shape[1] != 1:
             raise ValueError(f"audio must be mono [batch, 1, samples], got shape {tuple(audio.shape)}")
         hop = self.hop_length
         frames = -(-audio.shape[-1] // hop)
-        audio = F.pad(audio, (0, frames * hop - audio.shape[-1]))
+        end_pad = frames * hop - audio.shape[-1]
+        margin = self.context_frames if mirror_edges else 0
+        if mirror_edges:
+            audio = _mirror_pad(audio, margin * hop, margin * hop + end_pad)
+        else:
+            audio = F.pad(audio, (0, end_pad))
         overlap = self.context_frames if overlap_frames is None else overlap_frames
         means, stds = [], []
-        for w in _windows(frames, chunk_frames, overlap):
+        for w in _windows(frames + 2 * margin, chunk_frames, overlap):
             mean, std = self.encode(audio[..., w.start * hop:w.stop * hop])
             means.append(w.keep(mean, 1))
             stds.append(w.keep(std, 1))
-        return torch.cat(means, dim=-1), torch.cat(stds, dim=-1)
+        kept = slice(margin, margin + frames)
+        return torch.cat(means, dim=-1)[..., kept], torch.cat(stds, dim=-1)[..., kept]
 
     def decode_long(self, z: Tensor, chunk_frames: int, overlap_frames: int | None = None) -> Tensor:
         """`decode` of a latent sequence of any length, `chunk_frames` latent frames at a time, each seen
@@ -243,6 +258,19 @@ class AudioVAE(nn.Module):
             for w in _windows(z.shape[-1], chunk_frames, overlap)
         ]
         return torch.cat(pieces, dim=-1)
+
+
+def _mirror_pad(audio: Tensor, left: int, right: int) -> Tensor:
+    """Extend [..., N] audio by its mirror image (without repeating the edge sample), `left` samples before
+    and `right` after; a signal shorter than the padding is mirrored back and forth as often as needed."""
+    while left > 0 or right > 0:
+        n = audio.shape[-1]
+        step_l, step_r = min(left, n - 1), min(right, n - 1)
+        if n < 2:  # nothing to mirror: a constant continues itself
+            return F.pad(audio, (left, right), mode="replicate")
+        audio = F.pad(audio, (step_l, step_r), mode="reflect")
+        left, right = left - step_l, right - step_r
+    return audio
 
 
 @dataclass(frozen=True)
