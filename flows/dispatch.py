@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,19 @@ class InfraError(RuntimeError):
     """Ray lost a worker, a node or the connection: worth a bounded retry."""
 
 
+def _forwarded_env() -> dict[str, str]:
+    """What the stage task needs from this process's environment, wherever it runs."""
+    return {k: os.environ[k] for k in ("PRESTO_ROOT", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE",
+                                       "TRANSFORMERS_OFFLINE", "PYTHONWARNINGS") if k in os.environ}
+
+
 def ray_init() -> None:
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("PRESTO_ROOT", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE",
-                                          "TRANSFORMERS_OFFLINE", "PYTHONWARNINGS") if k in os.environ}
+    env_vars = _forwarded_env()
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
@@ -59,7 +65,8 @@ def run_on_ray(stage: str, root: Path, tracker: Any, fp: str, cpus: float, gpus:
     from stages.runner import execute
 
     ray_init()
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
+    # Named after the stage, so the Ray dashboard and state API show which stage ran where.
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=f"stage:{stage}")(execute)
     try:
         return ray.get(task.remote(stage, str(root), tracker, fp))
     except Exception as err:  # noqa: BLE001 - re-raised as what it really is
@@ -73,9 +80,12 @@ def _submit_job(address: str, stage: str, root: Path, tracker: Any, fp: str, cpu
     client = JobSubmissionClient(address)
     spec = json.dumps({"stage": stage, "root": str(root), "tracking_uri": tracker.tracking_uri,
                        "run_id": tracker.run_id, "fp": fp, "cpus": cpus, "gpus": gpus})
+    # The job's runtime_env is the one its driver and the stage task inherit (a second one in the driver's
+    # ray.init would conflict). RAY_ADDRESS is left to the Jobs supervisor, which sets it to its own
+    # cluster; "auto" would pick whichever cluster started last on that node.
     job = client.submit_job(
-        entrypoint=f"{sys.executable} -m flows.dispatch '{spec}'",
-        runtime_env={"env_vars": {"RAY_ADDRESS": "auto", "PRESTO_ROOT": str(root)}},
+        entrypoint=f"{sys.executable} -m flows.dispatch {shlex.quote(spec)}",
+        runtime_env={"env_vars": _forwarded_env() | {"PRESTO_ROOT": str(root)}},
         metadata={"presto.stage": stage, "presto.run_id": tracker.run_id},
     )
     import asyncio
@@ -97,11 +107,12 @@ def _submit_job(address: str, stage: str, root: Path, tracker: Any, fp: str, cpu
 
 def _job_main(spec_json: str) -> None:
     """Entrypoint of a Ray job: runs on a cluster node, joins the cluster and runs the stage task."""
+    import ray
+
     from flows.tracking import MlflowTracker
 
     spec = json.loads(spec_json)
-    os.environ.pop("RAY_ADDRESS", None)
-    os.environ["RAY_ADDRESS"] = "auto"
+    ray.init(log_to_driver=True)  # the cluster and runtime_env the Jobs supervisor gave this job
     tracker = MlflowTracker(spec["tracking_uri"], spec["run_id"])
     metrics = run_on_ray(spec["stage"], Path(spec["root"]), tracker, spec["fp"], spec["cpus"], spec["gpus"])
     print(json.dumps(metrics))
