@@ -128,6 +128,9 @@ def execute(stage: str, root: str, tracker: Tracker, fp: str) -> dict[str, Any]:
     params = load_params(root_path / "params.yaml")
     module = importlib.import_module(spec.module)
     final = root_path / spec.out
+    # A killed run (SIGKILL, OOM) never reached its cleanup; DVC runs one stage at a time per workspace.
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     checkpoints = root_path / "checkpoints" / stage

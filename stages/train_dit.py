@@ -7,9 +7,11 @@ gradients are averaged by DDP.
 
 Resumption. Every `ckpt_every` steps rank 0 saves a training state (weights, EMA, AdamW, step) and reports
 it as a Ray Train checkpoint under `ctx.checkpoint_dir/<fingerprint>`. A lost worker restarts the group
-from the newest one (`max_failures` times); a crashed stage rerun with the same inputs has the same
-fingerprint, so Ray Train finds the run's checkpoints and resumes it; changed inputs start fresh.
-Randomness is a function of (seed, rank, step), so a resumed run continues exactly.
+from the newest one (`max_failures` times; never for bad data or a diverged loss, which would fail again);
+a crashed stage rerun with the same inputs has the same fingerprint, so Ray Train finds the run's
+checkpoints and resumes it; changed inputs start fresh. Randomness is a function of the seed, the step and
+an item's place in the step's global batch, so a resumed run continues exactly, and `workers` workers of
+`batch` clips train as one worker of workers * batch clips would (up to float rounding).
 
 Rank 0 logs loss curves, the validation loss of the EMA weights and, at the end, a few generated clips
 with a spectrogram to the tracker. The driver writes `model/` (the EMA DiT via save_model), `edm.json`
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from presto.models.checkpoint import save_model
 from presto.models.dit import DiT
 from presto.text.condition import TextCondition
 from presto.training.dit_trainer import (
+    BATCH_ITEM_STREAM,
     DiTTrainer,
     batch_indices,
     random_crops,
@@ -54,15 +58,29 @@ SAMPLES_SUBDIR = "samples"
 
 
 def _batch(dataset: LatentDataset, indices: list[int], frames: int, seed: int, rank: int,
-           step: int) -> tuple[torch.Tensor, TextCondition]:
-    """Random crops of the clips at `indices`, each with one random caption, as a padded batch."""
-    # The dataset draws the caption from torch's global RNG: seed it from the step, so resumption is exact.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (), generator=step_generator(seed, rank, step, 1))))
-        items = [dataset[i] for i in indices]
-    gen = step_generator(seed, rank, step, 2)
-    latents = random_crops([z for z, _ in items], frames, gen)
+           step: int, world: int = 1) -> tuple[torch.Tensor, TextCondition]:
+    """Random crops of the clips at `indices`, each with one random caption, as a padded batch.
+
+    The caption and the crop of item j come from a generator of its own, keyed by the seed, the step and
+    j * world + rank (the item's place in the step's global batch, see batch_indices): a resumed run draws
+    what the uninterrupted one drew, and `world` workers draw what one worker with the global batch would.
+    """
+    items, generators = [], []
+    for j, i in enumerate(indices):
+        gen = step_generator(seed, BATCH_ITEM_STREAM, step, j * world + rank)
+        # The dataset draws the caption from torch's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+            items.append(dataset[i])
+        generators.append(gen)
+    latents = random_crops([z for z, _ in items], frames, generators)
     _, cond = collate_latents([(z, c) for z, (_, c) in zip(latents, items)])
+    bad = [dataset.rows[i]["clip_id"] for i, z, (_, c) in zip(indices, latents, items)
+           if not (torch.isfinite(z).all() and torch.isfinite(c.tokens).all() and torch.isfinite(c.pooled).all())]
+    if bad:
+        raise InputError(f"step {step}: the latents or caption embeddings of clip{'s' * (len(bad) > 1)} "
+                         f"{', '.join(bad)} hold NaN or Inf; rerun encode (or drop the clip); training "
+                         "stopped, the last good checkpoint is kept")
     return latents, cond
 
 
@@ -124,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
     net = ray.train.torch.prepare_model(DiT(params.model))
-    trainer = DiTTrainer(net, params, device=device, seed=seed, rank=rank)
+    trainer = DiTTrainer(net, params, device=device, seed=seed, rank=rank, world=world)
     start, resumed_from = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -132,6 +150,8 @@ def train_worker(config: dict[str, Any]) -> None:
             start, _ = trainer.load(folder)
         resumed_from = start
         print(f"train_dit: rank {rank} resumes from step {start}", flush=True)
+    if rank == 0:  # at once, so that a run stopped later still says where it started
+        tracker.log_metrics({"resumed_from_step": resumed_from}, step=start)
 
     folder = Path(config["encode_dir"])
     train = LatentDataset(folder, "train")
@@ -143,7 +163,7 @@ def train_worker(config: dict[str, Any]) -> None:
     tokens, t0 = 0, time.monotonic()
     for step in range(start, params.steps):
         latents, cond = _batch(train, batch_indices(step, params.batch, len(train), seed, rank, world),
-                               params.crop_frames, seed, rank, step)
+                               params.crop_frames, seed, rank, step, world)
         logs = trainer.train_step(step, latents, cond)
         check_finite(step, "train_dit: ", loss=logs["loss"], grad_norm=logs["grad_norm"])
         window.append(logs["loss"])
@@ -219,6 +239,30 @@ def _unwrap_failure(err: Exception) -> Exception:
     return err
 
 
+def _fit(make_trainer: Callable[[], Any], max_failures: int) -> Any:
+    """trainer.fit(), restarted from the newest checkpoint after up to `max_failures` lost workers.
+
+    Ray Train's own FailureConfig(max_failures) would also retry a worker's PrestoError (NaN loss, bad
+    data), which fails the same way every time; so Ray Train gets max_failures=0 and the retries are here.
+    A new fit with the same RunConfig(name, storage_path) resumes from the run's newest checkpoint.
+    """
+    import ray.train
+
+    failures = 0
+    while True:
+        try:
+            return make_trainer().fit()
+        except ray.train.WorkerGroupError as err:
+            cause = _unwrap_failure(err)
+            if cause is not err:
+                raise cause from err
+            if failures == max_failures:
+                raise
+            failures += 1
+            print(f"train_dit: a worker failed ({err}); restarting from the last checkpoint "
+                  f"(retry {failures} of {max_failures})", flush=True)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     import ray
     import ray.train
@@ -237,21 +281,17 @@ def run(ctx: StageContext) -> dict[str, float]:
     if available and short:  # an autoscaling cluster may still grow; a fixed one would make Ray Train wait forever
         print(f"train_dit: {p.workers} workers need {short} in all, the Ray cluster has "
               f"{ {k: available.get(k, 0.0) for k in short} } now; training waits until they are there", flush=True)
-    trainer = TorchTrainer(
+    result = _fit(lambda: TorchTrainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=ctx.fingerprint, storage_path=str(ctx.checkpoint_dir),
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - re-raised as what it is
-        raise _unwrap_failure(err) from err
+    ), p.max_failures)
     if result.checkpoint is None:
         raise RuntimeError("train_dit: Ray Train finished without a checkpoint")
 

@@ -196,10 +196,13 @@ def test_batch_indices_deal_each_epoch_across_workers():
 
 def test_random_crops_are_windows_of_the_shortest_length():
     clips = [torch.arange(40.0).reshape(2, 20), torch.arange(24.0).reshape(2, 12) + 100]
-    crops = random_crops(clips, 16, step_generator(0))
+    crops = random_crops(clips, 16, [step_generator(0, k) for k in range(2)])
     assert crops.shape == (2, 2, 12)
     for clip, crop in zip(clips, crops):
         start = int(crop[0, 0] - clip[0, 0])
         torch.testing.assert_close(crop, clip[:, start:start + 12])
-    starts = {int(random_crops(clips, 5, step_generator(s))[0, 0, 0]) for s in range(30)}
+    starts = {int(random_crops(clips, 5, [step_generator(s, 0), step_generator(s, 1)])[0, 0, 0]) for s in range(30)}
     assert len(starts) > 5 and min(starts) >= 0 and max(starts) <= 15
+    # A clip's window comes from its own generator: it does not depend on its batch mates.
+    alone = random_crops(clips[1:], 5, [step_generator(3, 1)])
+    torch.testing.assert_close(alone[0], random_crops(clips, 5, [step_generator(3, 0), step_generator(3, 1)])[1])

@@ -10,9 +10,12 @@ One step (Karras et al. 2022; the method page, section 1):
 The condition dropout trains the unconditional model inside the conditional one, which classifier-free
 guidance (and CFG++) needs at sampling time.
 
-Randomness is a pure function of (seed, rank, step): every draw of a step comes from its own generator, so
-a run resumed from step n draws exactly what the uninterrupted run drew, and no RNG state has to be
-saved. Draws happen on the CPU and move to the device, so a seed means the same noise everywhere.
+Randomness is a pure function of (seed, step): every draw of a step comes from its own generator, so a run
+resumed from step n draws exactly what the uninterrupted run drew, and no RNG state has to be saved. Under
+data parallelism each worker draws for the step's whole global batch and keeps its own items (item j of
+worker r is item j * world + r, as `batch_indices` deals them), so `world` workers of batch B train as one
+worker of batch world * B, up to float rounding, when every worker's batch has the same shape (clips at least
+crop_frames long). Draws happen on the CPU and move to the device, so a seed means the same noise everywhere.
 
 Mixed precision: on CUDA the network runs under bf16 autocast (the EDM preconditioning and the loss stay
 float32 inside `Denoiser` / `edm_loss`); on CPU everything is float32.
@@ -40,9 +43,14 @@ from presto.training.state import load_state, save_state
 
 
 def step_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (seed, rank, step, ...), well mixed by SeedSequence."""
+    """A CPU generator seeded from a tuple of integers (seed, step, ...), well mixed by SeedSequence."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator().manual_seed(seed)
+
+
+# Second keys of step_generator that keep the noise of training steps and the draws for a batch's items
+# (stages/train_dit.py) apart from each other and from the (seed, epoch) and (seed, batch, level) streams.
+TRAIN_NOISE_STREAM, BATCH_ITEM_STREAM = 1001, 1002
 
 
 def keep_mask(batch: int, drop_prob: float, generator: torch.Generator) -> Tensor:
@@ -69,6 +77,8 @@ def batch_indices(step: int, batch: int, items: int, seed: int, rank: int, world
     workers (a remainder of fewer than `world` items sits the epoch out, so every worker's epoch is equally
     long). Worker r reads its share of the epochs as one stream, `batch` items per step, so step s is
     positions [s batch, (s + 1) batch) of that stream: a resumed run reads what the uninterrupted run would.
+    When `world` divides `items`, the workers' batches at step s together are, item j of worker r at place
+    j * world + r, exactly one worker's batch of world * batch items at step s.
     """
     per_worker = items // world
     if per_worker == 0:
@@ -82,10 +92,12 @@ def batch_indices(step: int, batch: int, items: int, seed: int, rank: int, world
     return out
 
 
-def random_crops(latents: Sequence[Tensor], frames: int, generator: torch.Generator) -> Tensor:
-    """One random window per clip [C, T_i], all of length min(frames, shortest T_i): a batch [B, C, L]."""
+def random_crops(latents: Sequence[Tensor], frames: int, generators: Sequence[torch.Generator]) -> Tensor:
+    """One random window per clip [C, T_i], all of length min(frames, shortest T_i): a batch [B, C, L].
+
+    Clip i's start comes from generators[i] alone, so a clip's crop does not depend on its batch mates."""
     length = min(frames, *(z.shape[-1] for z in latents))
-    starts = [int(torch.randint(z.shape[-1] - length + 1, (), generator=generator)) for z in latents]
+    starts = [int(torch.randint(z.shape[-1] - length + 1, (), generator=g)) for z, g in zip(latents, generators)]
     return torch.stack([z[..., s:s + length] for z, s in zip(latents, starts)])
 
 
@@ -106,8 +118,8 @@ class DiTTrainer:
     """
 
     def __init__(self, net: nn.Module, params: TrainDiTParams, *, device: torch.device, seed: int,
-                 rank: int = 0):
-        self.params, self.device, self.seed, self.rank = params, device, seed, rank
+                 rank: int = 0, world: int = 1):
+        self.params, self.device, self.seed, self.rank, self.world = params, device, seed, rank, world
         self.net = net
         self.dit = unwrap(net)
         self.denoiser = Denoiser(net, params.sigma_data)
@@ -120,11 +132,12 @@ class DiTTrainer:
     def train_step(self, step: int, latents: Tensor, cond: TextCondition) -> dict[str, float]:
         """One optimiser step on a batch of clean latents [B, C, T]; returns loss, grad_norm and lr."""
         p = self.params
-        gen = step_generator(self.seed, self.rank, step)
-        batch = latents.shape[0]
-        sigma = self.sigma_dist.sample(batch, generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        keep = keep_mask(batch, p.cond_dropout, gen)
+        gen = step_generator(self.seed, TRAIN_NOISE_STREAM, step)
+        total = latents.shape[0] * self.world  # the global batch; this worker's items are rank::world
+        mine = slice(self.rank, None, self.world)
+        sigma = self.sigma_dist.sample(total, generator=gen)[mine]
+        noise = torch.randn((total, *latents.shape[1:]), generator=gen)[mine]
+        keep = keep_mask(total, p.cond_dropout, gen)[mine]
 
         self.net.train()
         x0 = latents.to(self.device, torch.float32)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from presto.audio.io import resample
+from presto.errors import InputError
 from presto.models.audio_losses import (
     discriminator_adversarial_loss,
     feature_matching_loss,
@@ -120,6 +121,10 @@ class VAETrainer:
 
     def train_step(self, audio: Tensor) -> dict[str, float]:
         """One iteration: a generator step, then a discriminator step once it has started."""
+        if not torch.isfinite(audio).all():  # refused before it can reach the weights
+            bad = int((~torch.isfinite(audio)).sum())
+            raise InputError(f"step {self.step + 1}: the input audio batch holds NaN or Inf ({bad} of "
+                             f"{audio.numel()} samples); training stopped, the last good checkpoint is kept")
         logs, recon = self.generator_step(audio)
         if self.adversarial:
             logs |= self.discriminator_step(audio, recon)
