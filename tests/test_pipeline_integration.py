@@ -19,9 +19,7 @@ pytestmark = pytest.mark.integration
 
 from stages.specs import STAGES
 
-# evaluate has not yet been run end to end through DVC on the tiny profile (its body is tested in-process in
-# tests/test_evaluate.py); every other stage is reproduced here.
-ALL_STAGES = [s.name for s in STAGES if s.name != "evaluate"]
+ALL_STAGES = [s.name for s in STAGES]
 LEAVES = [name for name in ALL_STAGES if not any(name in s.upstream for s in STAGES if s.name in ALL_STAGES)]
 
 
@@ -48,6 +46,18 @@ def _set_params(root: Path, **sections: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _run_of(name: str, stage: str, sampler: str, steps: int) -> dict:
+    guided = sampler != "consistency"
+    return {"name": name, "stage": stage,
+            "recipe": {"sampler": sampler, "steps": steps, "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0,
+                       "guidance": "cfgpp" if guided else "none", "scale": 0.8 if guided else 0.0, "budgets": None}}
+
+
+# One run of every model, at few steps.
+EVALUATED = [("base", "train_dit", "dpmpp_2m_sde", 2), ("presto_l", "presto_l", "dpmpp_2m_sde", 2),
+             ("ase", "ase", "dpmpp_2m_sde", 2), ("presto_s", "presto_s", "consistency", 1),
+             ("presto_ls", "presto_ls", "consistency", 1)]
+
 # Every stage at the smallest size that still exercises its code: the point is the plumbing.
 TINY = {
     "demo_corpus": {"minutes": 0.6, "max_piece_seconds": 12},
@@ -61,9 +71,10 @@ TINY = {
                  "eval_steps": [1, 2]},
     "presto_ls": {"iterations": 10, "batch": 4, "log_every": 5, "ckpt_every": 5, "eval_clips": 2,
                   "eval_steps": [1, 2]},
-    "evaluate": {"n_prompts": 3, "reference_clips": 3, "prdc_k": 2, "seconds": 1.0, "latency_repeats": 1,
-                 "rho_sweep": {"run": "presto_s/4", "rhos": []},
-                 "best_of_n": {"runs": [], "max_candidates": 2, "latency_budget_ms": None}},
+    "evaluate": {"runs": [_run_of(name, stage, sampler, steps) for name, stage, sampler, steps in EVALUATED],
+                 "reference_run": "base/2", "n_prompts": 3, "reference_clips": 3, "prdc_k": 2, "seconds": 1.0,
+                 "latency_repeats": 1, "rho_sweep": {"run": "presto_s/1", "rhos": [1.0]},
+                 "best_of_n": {"runs": ["presto_s/1"], "max_candidates": 2, "latency_budget_ms": None}},
 }
 
 
@@ -104,6 +115,19 @@ def test_repro_builds_every_stage(project: Path) -> None:
         assert (out / "metrics.json").is_file(), stage
     leftovers = [p.name for p in (project / "artifacts").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == [], "no temporary folders left behind"
+
+
+def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
+    scores = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert {(name, steps) for name, by_steps in scores.items() for steps in by_steps} == \
+        {(name, str(steps)) for name, _, _, steps in EVALUATED} | {("presto_s_best_of_n", "1")}
+    for name, by_steps in scores.items():
+        for row in by_steps.values():
+            assert row["fad"] > 0 and row["latency_ms"] > 0, name
+    assert (project / "artifacts" / "evaluate" / "report.html").stat().st_size > 0
+    db = sqlite3.connect(project / ".mlflow" / "mlflow.db")
+    registered = {name for (name,) in db.execute("select name from registered_models")}
+    assert {f"presto-{name}" for name, _, _, _ in EVALUATED} <= registered
 
 
 def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:
