@@ -132,6 +132,7 @@ class CaptionParams(Section):
 NESTED_SECTIONS: dict[str, str] = {
     "VAEConfig": "presto.models.vae",
     "STFTDiscriminatorConfig": "presto.models.discriminators",
+    "UpmixerConfig": "presto.models.upmixer",
     "TextEncoderConfig": "presto.text.encoder",
     "DiTConfig": "presto.models.dit",
     "SamplingRecipe": "presto.generation",
@@ -142,6 +143,7 @@ NESTED_SECTIONS: dict[str, str] = {
 }
 if TYPE_CHECKING:
     from presto.models.discriminators import STFTDiscriminatorConfig
+    from presto.models.upmixer import UpmixerConfig
     from presto.models.vae import VAEConfig
     from presto.generation import SamplingRecipe
     from presto.models.dit import DiTConfig
@@ -174,6 +176,31 @@ class TrainVAEParams(Section):
     examples: NonNegInt
     mel_fft_size: Annotated[int, Field(ge=16)]
     n_mels: PositiveInt
+    resources: Resources
+
+
+class TrainStereoParams(Section):
+    """The mono-to-stereo upmixer and its training (stages/train_stereo.py, presto/training/upmix_trainer.py)."""
+
+    model: UpmixerConfig
+    discriminator: STFTDiscriminatorConfig
+    steps: PositiveInt
+    batch: PositiveInt
+    segment_seconds: PositiveFloat
+    lr: PositiveFloat
+    betas: tuple[Fraction, Fraction]
+    stft_fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]
+    side_weight: NonNegFloat
+    channel_weight: NonNegFloat
+    adversarial_weight: NonNegFloat
+    feature_matching_weight: NonNegFloat
+    grad_clip: PositiveFloat
+    disc_warmup_steps: NonNegInt
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    val_every: PositiveInt
+    val_clips: PositiveInt
+    examples: NonNegInt
     resources: Resources
 
 
@@ -392,6 +419,7 @@ class Params(Section):
     augment: AugmentParams
     caption: CaptionParams
     train_vae: TrainVAEParams
+    train_stereo: TrainStereoParams
     encode: EncodeParams
     train_dit: TrainDiTParams
     layer_dropping: LayerDroppingParams

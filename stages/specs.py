@@ -111,6 +111,18 @@ STAGES: tuple[StageSpec, ...] = (
         resources_key="train_vae",
     ),
     StageSpec(
+        name="train_stereo",
+        help="Train the mono-to-stereo upmixer (side signal: MR-STFT + multi-scale STFT discriminator); score "
+             "it on val stereo clips beside dual mono.",
+        params=("shared.seed", "shared.sample_rate", "train_stereo"),
+        code=("stages/train_stereo.py", "presto/training/upmix_trainer.py", "presto/models/upmixer.py",
+              "presto/models/vae.py", "presto/models/audio_losses.py", "presto/models/discriminators.py",
+              "presto/models/checkpoint.py", "presto/training/state.py", "presto/training/progress.py",
+              "presto/data/shards.py"),
+        upstream=("prepare",),
+        resources_key="train_stereo",
+    ),
+    StageSpec(
         name="encode",
         help="Encode every clip to normalised latents (sigma_data) and every caption to text embeddings.",
         params=("shared.sample_rate", "encode"),

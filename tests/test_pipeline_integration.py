@@ -64,6 +64,8 @@ TINY = {
     "caption": {"per_clip": 2},
     "train_vae": {"steps": 4, "batch": 2, "disc_warmup_steps": 2, "log_every": 2, "ckpt_every": 2,
                   "val_every": 4, "val_clips": 2, "examples": 1},
+    "train_stereo": {"steps": 4, "batch": 2, "disc_warmup_steps": 2, "log_every": 2, "ckpt_every": 2,
+                     "val_every": 4, "val_clips": 2, "examples": 1},
     "train_dit": {"steps": 4, "batch": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2, "val_every": 4,
                   "val_clips": 2, "samples": 1, "sample_seconds": 1.0},
     "layer_dropping": {"steps": 4, "batch": 4, "log_every": 2, "ckpt_every": 2, "val_every": 4, "val_clips": 2},
