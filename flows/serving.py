@@ -31,6 +31,8 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
+from presto.errors import InputError
+
 ARTIFACTS = ("model", "vae", "encode")  # the bundle's folders; artifact "config" holds CONFIG_FILE
 CONFIG_FILE = "serving.json"  # {recipe, seconds, ...}: the settings a request's missing fields default to
 # A request longer than this is refused: the latent sequence, attention and decoder memory grow with it.
@@ -70,9 +72,15 @@ def _missing(value: Any) -> bool:
 
 def parse_request(row: dict[str, Any], seconds: float, steps: int) -> tuple[str, float, int, int]:
     """(prompt, seconds, seed, steps) of one request row, the defaults filled in; a bad field is a 400."""
+    from presto.text.encoder import check_prompt
+
     prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise MlflowException.invalid_parameter_value(f"prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(prompt, str):
+        raise MlflowException.invalid_parameter_value(f"prompt must be a string, got {prompt!r}")
+    try:
+        prompt, _ = check_prompt(prompt)
+    except InputError as err:
+        raise MlflowException.invalid_parameter_value(str(err)) from None
     values = {"seconds": seconds, "seed": 0, "steps": steps}
     for key in values:
         if not _missing(row.get(key)):

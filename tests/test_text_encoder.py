@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from presto.errors import InputError
-from presto.text.encoder import MiniLMEncoder, TextEncoderConfig, clean_prompt, load_text_encoder
+from presto.text.encoder import MiniLMEncoder, TextEncoderConfig, check_prompt, clean_prompt, load_text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,16 @@ def test_bad_local_path_is_named(tmp_path) -> None:
         load_text_encoder(TextEncoderConfig(kind="minilm", path=str(tmp_path), max_tokens=64))
     with pytest.raises(InputError, match="local T5 model folder"):
         load_text_encoder(TextEncoderConfig(kind="t5", path=None, max_tokens=64))
+
+
+def test_check_prompt_refuses_empty_and_says_what_cleaning_changed() -> None:
+    assert check_prompt("  calm\tpiano ") == ("calm piano", [])
+    for empty in ("", "   ", "\x00\x1b"):
+        with pytest.raises(InputError, match="prompt is empty"):
+            check_prompt(empty)
+    cleaned, notes = check_prompt(b"caf\xc3\xa9 \xff organ")
+    assert cleaned == "café \ufffd organ" and notes == ["the prompt is not valid UTF-8: undecodable bytes were replaced"]
+    # A command line's undecodable bytes arrive as lone surrogates (surrogateescape).
+    assert "not valid UTF-8" in check_prompt(b"organ \xff".decode("utf-8", "surrogateescape"))[1][0]
+    cleaned, notes = check_prompt("la " * 5000)
+    assert len(cleaned) == 2000 and "only the first 2000" in notes[0]

@@ -40,6 +40,23 @@ def clean_prompt(text: str | bytes) -> str:
     return " ".join(text.split())[:MAX_PROMPT_CHARS]
 
 
+def check_prompt(text: str | bytes) -> tuple[str, list[str]]:
+    """A user's prompt for generation: (the cleaned prompt, notes on what cleaning changed). Unlike a caption,
+    an empty one is refused: a user asking for music from nothing has almost certainly made a mistake."""
+    raw = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    cleaned = clean_prompt(raw)
+    if not cleaned:
+        raise InputError("the prompt is empty (or only control characters); describe the music, "
+                         "e.g. 'calm solo piano in C major at 80 bpm'")
+    notes = []
+    if isinstance(raw, str) and any(ch == "\ufffd" or 0xD800 <= ord(ch) <= 0xDFFF for ch in raw):
+        notes.append("the prompt is not valid UTF-8: undecodable bytes were replaced")
+    if len(" ".join(raw.split())) > MAX_PROMPT_CHARS:
+        notes.append(f"the prompt has {len(raw)} characters: only the first {MAX_PROMPT_CHARS} are used (and the "
+                     "text encoder reads at most its max_tokens tokens)")
+    return cleaned, notes
+
+
 def _pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(1, max(s.shape[0] for s in states))
     dim = states[0].shape[-1]
