@@ -4,8 +4,8 @@ The upmixer's input is the downmix (L + R) / 2 of a real stereo crop, its target
 Writes `model/` (save_model: safetensors + config.json) and `upmixer.json` (the sample rate it was trained
 at), which presto.models.upmixer.load_upmixer reads, and metrics: on the first `val_clips` stereo clips of
 the val split, side-signal STFT distance, inter-channel correlation and width of the upmix beside dual mono
-(side = 0). Resumable: a state is saved to
-`ctx.checkpoint_dir` every `ckpt_every` steps, and a rerun continues from the newest one.
+(side = 0). Resumable: a state is saved to `ctx.checkpoint_dir` every `ckpt_every` steps, and a rerun
+continues from the newest one.
 """
 
 from __future__ import annotations
