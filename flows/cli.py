@@ -139,6 +139,14 @@ def generate(
         params = load_params(root / "params.yaml").generate
     except PrestoError as err:
         _fail(str(err))
+    from presto.text.encoder import check_prompt
+
+    try:
+        prompt, notes = check_prompt(prompt)
+    except PrestoError as err:
+        _fail(f"generate: {err}")
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     changes = {k: v for k, v in {"steps": steps, "sampler": sampler, "scale": guidance}.items() if v is not None}
     try:
         recipe = type(params.recipe).model_validate(params.recipe.model_dump() | changes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,14 @@ def test_cli_help_lists_every_command() -> None:
                                 text=True, check=True).stdout
     for spec in STAGES:
         assert spec.name in stage_help
+
+
+def test_cli_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "generate", " \t "], cwd=tmp_path,
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "prompt is empty" in proc.stderr
+    assert not (tmp_path / "out.wav").exists()
 
 
 def test_cli_rejects_bad_params_in_one_line(tmp_path: Path) -> None:
