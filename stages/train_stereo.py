@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from presto.errors import InputError, ParamsError
 from presto.models.checkpoint import save_model
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.upmixer import INFO_FILE, MODEL_DIR, Upmixer, split_mid_side
-from presto.training.progress import Progress, check_finite
-from presto.training.state import latest_state, load_state, save_state
+from presto.training.step_loop import LoopSchedule, resume_latest, train_to_end
 from presto.training.upmix_trainer import (
     UpmixLossWeights,
     UpmixTrainer,
@@ -132,44 +130,21 @@ def run(ctx: StageContext) -> dict[str, float]:
     val_clips = torch.from_numpy(np.stack([c[:, :length] for c in clips])).to(device)
     examples, example_ids = val_clips[:p.examples], [r["clip_id"] for r in val[:p.examples]]
 
-    state = latest_state(ctx.checkpoint_dir)
-    if state is not None:
-        trainer.step, _ = load_state(state, trainer.modules(), trainer.optimizers())
-        print(f"train_stereo: resuming from {state} (step {trainer.step})", flush=True)
+    first_step = resume_latest("train_stereo", trainer, ctx.checkpoint_dir)
     ctx.tracker.set_tags({"train_stereo.parameters_upmixer": str(sum(t.numel() for t in upmixer.parameters())),
-                          "train_stereo.resumed_from_step": str(trainer.step)})
+                          "train_stereo.resumed_from_step": str(first_step)})
 
-    progress = Progress("train_stereo", p.steps, start=trainer.step)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    interval_start = time.perf_counter()
-    first_step = trainer.step
-    started = time.perf_counter()
-    while trainer.step < p.steps:
-        logs = trainer.train_step(sampler.batch(p.batch).to(device))
-        step = trainer.step
-        check_finite(step, "train_stereo: ", **logs)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0) + 1
-        progress.update(step, **logs)
-        if step % p.log_every == 0 or step == p.steps:
-            elapsed = time.perf_counter() - interval_start
-            n = max(counts.values())
-            curves = {k: sums[k] / counts[k] for k in sums}
-            curves["steps_per_second"] = n / elapsed
-            curves["audio_seconds_per_second"] = n * p.batch * segment / sr / elapsed
-            ctx.tracker.log_metrics(curves, step=step)
-            sums, counts, interval_start = {}, {}, time.perf_counter()
-        if step % p.ckpt_every == 0 or step == p.steps:
-            save_state(ctx.checkpoint_dir, step, trainer.modules(), trainer.optimizers())
-        if step % p.val_every == 0 and step < p.steps:
-            scores = stereo_comparison(upmixer, val_clips, batch=p.batch, fft_sizes=p.stft_fft_sizes)
-            ctx.tracker.log_metrics({f"val_{k}": v for k, v in scores.items() if k.startswith("upmix_")},
-                                    step=step)
-            if p.examples:
-                log_examples(ctx, upmixer, examples, example_ids, sr, step)
-    train_seconds = time.perf_counter() - started
+    def validate(step: int) -> None:
+        scores = stereo_comparison(upmixer, val_clips, batch=p.batch, fft_sizes=p.stft_fft_sizes)
+        ctx.tracker.log_metrics({f"val_{k}": v for k, v in scores.items() if k.startswith("upmix_")}, step=step)
+        if p.examples:
+            log_examples(ctx, upmixer, examples, example_ids, sr, step)
+
+    train_seconds = train_to_end(
+        "train_stereo", trainer, lambda: sampler.batch(p.batch).to(device),
+        LoopSchedule(p.steps, p.log_every, p.ckpt_every, p.val_every), checkpoint_dir=ctx.checkpoint_dir,
+        audio_seconds_per_step=p.batch * segment / sr,
+        log_metrics=lambda metrics, step: ctx.tracker.log_metrics(metrics, step=step), validate=validate)
 
     scores = stereo_comparison(upmixer, val_clips, batch=p.batch, fft_sizes=p.stft_fft_sizes)
     ctx.tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=p.steps)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from presto.models.audio_losses import reconstruction_metrics
 from presto.models.checkpoint import save_model
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.vae import AudioVAE
-from presto.training.progress import Progress, check_finite
-from presto.training.state import latest_state, load_state, save_state
+from presto.training.step_loop import LoopSchedule, resume_latest, train_to_end
 from presto.training.vae_trainer import (
     VAELossWeights,
     VAETrainer,
@@ -147,44 +145,22 @@ def run(ctx: StageContext) -> dict[str, float]:
     metric_settings = dict(sample_rate=sr, fft_sizes=p.stft_fft_sizes, mel_fft_size=p.mel_fft_size,
                            n_mels=p.n_mels)
 
-    state = latest_state(ctx.checkpoint_dir)
-    if state is not None:
-        trainer.step, _ = load_state(state, trainer.modules(), trainer.optimizers())
-        print(f"train_vae: resuming from {state} (step {trainer.step})", flush=True)
+    first_step = resume_latest("train_vae", trainer, ctx.checkpoint_dir)
     ctx.tracker.set_tags({"train_vae.parameters_vae": str(sum(t.numel() for t in vae.parameters())),
-                          "train_vae.resumed_from_step": str(trainer.step)})
+                          "train_vae.resumed_from_step": str(first_step)})
 
-    progress = Progress("train_vae", p.steps, start=trainer.step)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    interval_start = time.perf_counter()
-    first_step = trainer.step
-    started = time.perf_counter()
-    while trainer.step < p.steps:
-        logs = trainer.train_step(sampler.batch(p.batch).to(device))
-        step = trainer.step
-        check_finite(step, "train_vae: ", **logs)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0) + 1
-        progress.update(step, **logs)
-        if step % p.log_every == 0 or step == p.steps:
-            elapsed = time.perf_counter() - interval_start
-            n = max(counts.values())
-            curves = {k: sums[k] / counts[k] for k in sums}
-            curves["steps_per_second"] = n / elapsed
-            curves["audio_seconds_per_second"] = n * p.batch * segment / sr / elapsed
-            ctx.tracker.log_metrics(curves, step=step)
-            sums, counts, interval_start = {}, {}, time.perf_counter()
-        if step % p.ckpt_every == 0 or step == p.steps:
-            save_state(ctx.checkpoint_dir, step, trainer.modules(), trainer.optimizers())
-        if step % p.val_every == 0 and step < p.steps:
-            ema = trainer.ema_model()
-            scores = reconstruction_metrics(reconstruct(ema, val_clips, p.batch), val_clips, **metric_settings)
-            ctx.tracker.log_metrics({f"val_vae_{k}": v for k, v in scores.items()}, step=step)
-            if p.examples:
-                log_examples(ctx, ema, examples, example_ids, sr, step)
-    train_seconds = time.perf_counter() - started
+    def validate(step: int) -> None:
+        ema = trainer.ema_model()
+        scores = reconstruction_metrics(reconstruct(ema, val_clips, p.batch), val_clips, **metric_settings)
+        ctx.tracker.log_metrics({f"val_vae_{k}": v for k, v in scores.items()}, step=step)
+        if p.examples:
+            log_examples(ctx, ema, examples, example_ids, sr, step)
+
+    train_seconds = train_to_end(
+        "train_vae", trainer, lambda: sampler.batch(p.batch).to(device),
+        LoopSchedule(p.steps, p.log_every, p.ckpt_every, p.val_every), checkpoint_dir=ctx.checkpoint_dir,
+        audio_seconds_per_step=p.batch * segment / sr,
+        log_metrics=lambda metrics, step: ctx.tracker.log_metrics(metrics, step=step), validate=validate)
 
     ema = trainer.ema_model()
     scores = codec_comparison(ema, val_clips, batch=p.batch, **metric_settings)
