@@ -104,7 +104,8 @@ STAGES: tuple[StageSpec, ...] = (
         name="train_vae",
         help="Train the audio VAE (MR-STFT + KL + multi-scale STFT discriminator, EMA); score it on val.",
         params=("shared.seed", "shared.sample_rate", "train_vae"),
-        code=("stages/train_vae.py", "presto/training/vae_trainer.py", "presto/training/step_loop.py",
+        code=("stages/train_vae.py", "presto/training/vae_trainer.py", "presto/training/adversarial.py",
+              "presto/training/step_loop.py",
               "presto/models/vae.py", "presto/models/audio_losses.py", "presto/models/discriminators.py",
               "presto/models/ema.py", "presto/models/checkpoint.py", "presto/data/shards.py", "presto/audio/io.py"),
         upstream=("prepare", "augment"),  # augment's manifest lists prepare's clips too
@@ -115,7 +116,8 @@ STAGES: tuple[StageSpec, ...] = (
         help="Train the mono-to-stereo upmixer (side signal: MR-STFT + multi-scale STFT discriminator); score "
              "it on val stereo clips beside dual mono.",
         params=("shared.seed", "shared.sample_rate", "train_stereo"),
-        code=("stages/train_stereo.py", "presto/training/upmix_trainer.py", "presto/models/upmixer.py",
+        code=("stages/train_stereo.py", "presto/training/upmix_trainer.py", "presto/training/adversarial.py",
+              "presto/models/upmixer.py",
               "presto/models/vae.py", "presto/models/audio_losses.py", "presto/models/discriminators.py",
               "presto/models/checkpoint.py", "presto/training/step_loop.py", "presto/training/state.py",
               "presto/training/progress.py", "presto/data/shards.py"),

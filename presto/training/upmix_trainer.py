@@ -24,14 +24,10 @@ import torch
 from torch import Tensor
 
 from presto.errors import InputError
-from presto.models.audio_losses import (
-    discriminator_adversarial_loss,
-    feature_matching_loss,
-    generator_adversarial_loss,
-    multi_resolution_stft_loss,
-)
+from presto.models.audio_losses import multi_resolution_stft_loss
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.upmixer import Upmixer, join_mid_side, split_mid_side
+from presto.training.adversarial import discriminator_update, generator_adversarial_terms
 
 # Keeps correlation and width finite on a silent clip (energies are means of squares of audio in [-1, 1]).
 ENERGY_FLOOR = 1e-12
@@ -82,15 +78,7 @@ class UpmixTrainer:
         loss = self.weights.side * side_loss + self.weights.channels * channel_loss
         logs = {"side_stft": side_loss.item(), "channel_stft": channel_loss.item()}
         if self.adversarial:
-            self.discriminator.requires_grad_(False)
-            try:
-                fake_logits, fake_features = self.discriminator(side_hat)
-                with torch.no_grad():
-                    _, real_features = self.discriminator(side)
-            finally:
-                self.discriminator.requires_grad_(True)
-            adv = generator_adversarial_loss(fake_logits)
-            fm = feature_matching_loss(real_features, fake_features)
+            adv, fm = generator_adversarial_terms(self.discriminator, side, side_hat)
             loss = loss + self.weights.adversarial * adv + self.weights.feature_matching * fm
             logs |= {"adv_g": adv.item(), "feature_matching": fm.item()}
         self.opt_g.zero_grad(set_to_none=True)
@@ -102,15 +90,7 @@ class UpmixTrainer:
 
     def discriminator_step(self, side: Tensor, side_hat: Tensor) -> dict[str, float]:
         """One optimiser step of the discriminator: the real side signal against the detached prediction."""
-        self.discriminator.train()
-        real_logits, _ = self.discriminator(side)
-        fake_logits, _ = self.discriminator(side_hat.detach())
-        loss = discriminator_adversarial_loss(real_logits, fake_logits)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.grad_clip)
-        self.opt_d.step()
-        return {"loss_d": loss.item(), "grad_norm_d": norm.item()}
+        return discriminator_update(self.discriminator, self.opt_d, side, side_hat, self.grad_clip)
 
     def train_step(self, stereo: Tensor) -> dict[str, float]:
         """One iteration on real stereo [B, 2, N]: a generator step, then a discriminator step once started."""

@@ -29,17 +29,11 @@ from torch import Tensor
 
 from presto.audio.io import resample
 from presto.errors import InputError
-from presto.models.audio_losses import (
-    discriminator_adversarial_loss,
-    feature_matching_loss,
-    generator_adversarial_loss,
-    kl_divergence,
-    multi_resolution_stft_loss,
-    reconstruction_metrics,
-)
+from presto.models.audio_losses import kl_divergence, multi_resolution_stft_loss, reconstruction_metrics
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.ema import EMA
 from presto.models.vae import AudioVAE
+from presto.training.adversarial import discriminator_update, generator_adversarial_terms
 
 
 @dataclass(frozen=True)
@@ -88,15 +82,7 @@ class VAETrainer:
         loss = self.weights.stft * stft + self.weights.kl * kl
         logs = {"stft": stft.item(), "kl": kl.item()}
         if self.adversarial:
-            self.discriminator.requires_grad_(False)
-            try:
-                fake_logits, fake_features = self.discriminator(recon)
-                with torch.no_grad():
-                    _, real_features = self.discriminator(audio)
-            finally:
-                self.discriminator.requires_grad_(True)
-            adv = generator_adversarial_loss(fake_logits)
-            fm = feature_matching_loss(real_features, fake_features)
+            adv, fm = generator_adversarial_terms(self.discriminator, audio, recon)
             loss = loss + self.weights.adversarial * adv + self.weights.feature_matching * fm
             logs |= {"adv_g": adv.item(), "feature_matching": fm.item()}
         self.opt_g.zero_grad(set_to_none=True)
@@ -109,15 +95,7 @@ class VAETrainer:
 
     def discriminator_step(self, audio: Tensor, recon: Tensor) -> dict[str, float]:
         """One optimiser step of the discriminator: real `audio` against the detached `recon`."""
-        self.discriminator.train()
-        real_logits, _ = self.discriminator(audio)
-        fake_logits, _ = self.discriminator(recon.detach())
-        loss = discriminator_adversarial_loss(real_logits, fake_logits)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.grad_clip)
-        self.opt_d.step()
-        return {"loss_d": loss.item(), "grad_norm_d": norm.item()}
+        return discriminator_update(self.discriminator, self.opt_d, audio, recon, self.grad_clip)
 
     def train_step(self, audio: Tensor) -> dict[str, float]:
         """One iteration: a generator step, then a discriminator step once it has started."""
