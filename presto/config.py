@@ -153,8 +153,10 @@ if TYPE_CHECKING:
     from presto.models.disc_head import DiscHeadConfig
 
 
-class TrainVAEParams(Section):
-    model: VAEConfig
+class AudioGANParams(Section):
+    """What the audio GAN trainers share (the VAE, the upmixer): crops, Adam, the multi-resolution STFT loss,
+    the discriminator and its warm-up, the step loop's intervals (presto/training/step_loop.py)."""
+
     discriminator: STFTDiscriminatorConfig
     steps: PositiveInt
     batch: PositiveInt
@@ -162,46 +164,33 @@ class TrainVAEParams(Section):
     lr: PositiveFloat
     betas: tuple[Fraction, Fraction]
     stft_fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]
-    stft_weight: NonNegFloat
-    kl_weight: NonNegFloat
     adversarial_weight: NonNegFloat
     feature_matching_weight: NonNegFloat
     grad_clip: PositiveFloat
     disc_warmup_steps: NonNegInt
-    ema_decay: Annotated[float, Field(ge=0, lt=1)]
     log_every: PositiveInt
     ckpt_every: PositiveInt
     val_every: PositiveInt
     val_clips: PositiveInt
     examples: NonNegInt
-    mel_fft_size: Annotated[int, Field(ge=16)]
-    n_mels: PositiveInt
     resources: Resources
 
 
-class TrainStereoParams(Section):
+class TrainVAEParams(AudioGANParams):
+    model: VAEConfig
+    stft_weight: NonNegFloat
+    kl_weight: NonNegFloat
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    mel_fft_size: Annotated[int, Field(ge=16)]
+    n_mels: PositiveInt
+
+
+class TrainStereoParams(AudioGANParams):
     """The mono-to-stereo upmixer and its training (stages/train_stereo.py, presto/training/upmix_trainer.py)."""
 
     model: UpmixerConfig
-    discriminator: STFTDiscriminatorConfig
-    steps: PositiveInt
-    batch: PositiveInt
-    segment_seconds: PositiveFloat
-    lr: PositiveFloat
-    betas: tuple[Fraction, Fraction]
-    stft_fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]
     side_weight: NonNegFloat
     channel_weight: NonNegFloat
-    adversarial_weight: NonNegFloat
-    feature_matching_weight: NonNegFloat
-    grad_clip: PositiveFloat
-    disc_warmup_steps: NonNegInt
-    log_every: PositiveInt
-    ckpt_every: PositiveInt
-    val_every: PositiveInt
-    val_clips: PositiveInt
-    examples: NonNegInt
-    resources: Resources
 
 
 class EncodeParams(Section):
