@@ -40,9 +40,8 @@ from presto.errors import InputError
 from presto.models.dit import DiT, DiTConfig
 from presto.models.ema import EMA
 from presto.text.condition import TextCondition
-from presto.training.dit_trainer import autocast, keep_mask, step_generator, unwrap
+from presto.training.dit_trainer import EMAStateMixin, autocast, keep_mask, step_generator, unwrap
 from presto.training.progress import check_finite
-from presto.training.state import load_state, save_state
 
 Mode = Literal["presto_l", "ase"]
 SCHEDULE_FORMAT = "presto-budget-schedule/1"
@@ -246,7 +245,7 @@ def student_from_teacher(teacher: DiT, budget_conditioning: bool) -> DiT:
     return student
 
 
-class PrestoLTrainer:
+class PrestoLTrainer(EMAStateMixin):
     """Fine-tunes a (possibly DDP-wrapped) student DiT toward the loss above; the teacher stays frozen.
 
     The Presto-L counterpart of presto.training.dit_trainer.DiTTrainer, with its conventions: randomness a
@@ -300,18 +299,3 @@ class PrestoLTrainer:
         return {"loss": float(loss.detach()), "dsm": float(parts.dsm.detach().mean()),
                 "self_distill": float(parts.self_distill.detach().mean()), "grad_norm": float(grad_norm)}
 
-    def ema_model(self) -> DiT:
-        """A DiT holding the current EMA weights (the model that is validated and exported)."""
-        self.ema.copy_to(self._ema_dit)
-        return self._ema_dit
-
-    def save(self, folder: str | Path, step: int, extra: dict[str, Any], keep: int = 1) -> Path:
-        """Resumable state (weights, EMA weights, AdamW moments, step) as `folder/step-<n>/`."""
-        return save_state(folder, step, {"model": self.dit, "ema": self.ema_model()},
-                          {"adamw": self.optimizer}, extra=extra, keep=keep)
-
-    def load(self, path: str | Path) -> tuple[int, dict[str, Any]]:
-        """Restore a state written by `save`; returns (step, extra)."""
-        step, extra = load_state(path, {"model": self.dit, "ema": self._ema_dit}, {"adamw": self.optimizer})
-        self.ema.load_state_dict(self._ema_dit.state_dict())
-        return step, extra

@@ -109,7 +109,33 @@ def unwrap(net: nn.Module) -> DiT:
     return inner
 
 
-class DiTTrainer:
+class EMAStateMixin:
+    """The EMA model and the resumable state of a trainer holding `dit`, its `ema`, an `_ema_dit` copy to
+    read the EMA into, and one AdamW `optimizer` (DiTTrainer, presto.distill.presto_l.PrestoLTrainer)."""
+
+    dit: DiT
+    ema: EMA
+    _ema_dit: DiT
+    optimizer: torch.optim.Optimizer
+
+    def ema_model(self) -> DiT:
+        """A DiT holding the current EMA weights (the model that is validated and exported)."""
+        self.ema.copy_to(self._ema_dit)
+        return self._ema_dit
+
+    def save(self, folder: str | Path, step: int, extra: dict[str, Any], keep: int = 1) -> Path:
+        """Resumable state (weights, EMA weights, AdamW moments, step) as `folder/step-<n>/`."""
+        return save_state(folder, step, {"model": self.dit, "ema": self.ema_model()},
+                          {"adamw": self.optimizer}, extra=extra, keep=keep)
+
+    def load(self, path: str | Path) -> tuple[int, dict[str, Any]]:
+        """Restore a state written by `save`; returns (step, extra)."""
+        step, extra = load_state(path, {"model": self.dit, "ema": self._ema_dit}, {"adamw": self.optimizer})
+        self.ema.load_state_dict(self._ema_dit.state_dict())
+        return step, extra
+
+
+class DiTTrainer(EMAStateMixin):
     """Owns the optimiser and the EMA of one (possibly DDP-wrapped) DiT.
 
     `net` is what the forward runs through (the DDP wrapper under data parallelism, so gradients are
@@ -154,21 +180,6 @@ class DiTTrainer:
         self.ema.update(self.dit)
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr}
 
-    def ema_model(self) -> DiT:
-        """A DiT holding the current EMA weights (the model that is validated and exported)."""
-        self.ema.copy_to(self._ema_dit)
-        return self._ema_dit
-
-    def save(self, folder: str | Path, step: int, extra: dict[str, Any], keep: int = 1) -> Path:
-        """Resumable state (weights, EMA weights, AdamW moments, step) as `folder/step-<n>/`."""
-        return save_state(folder, step, {"model": self.dit, "ema": self.ema_model()},
-                          {"adamw": self.optimizer}, extra=extra, keep=keep)
-
-    def load(self, path: str | Path) -> tuple[int, dict[str, Any]]:
-        """Restore a state written by `save`; returns (step, extra)."""
-        step, extra = load_state(path, {"model": self.dit, "ema": self._ema_dit}, {"adamw": self.optimizer})
-        self.ema.load_state_dict(self._ema_dit.state_dict())
-        return step, extra
 
 
 @torch.no_grad()
