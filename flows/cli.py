@@ -160,23 +160,20 @@ def generate(
     try:
         dev = resolve_device(device or params.device)
         generator = Generator.load(root / "artifacts" / model, vae_dir=root / "artifacts" / "train_vae" / "model",
-                                   encode_dir=root / "artifacts" / "encode", device=dev)
+                                   encode_dir=root / "artifacts" / "encode", device=dev, compile=params.compile)
         if stereo:
-            from presto.models.upmixer import load_upmixer, upmix
+            from presto.stereo import StereoGenerator
 
             # Loaded before sampling, so a missing or mismatched upmixer fails before the slow part.
-            upmixer = load_upmixer(root / "artifacts" / "train_stereo", sample_rate=generator.sample_rate,
-                                   device=dev)
+            generator = StereoGenerator(generator, root / "artifacts" / "train_stereo")
         audio, timings = generator.generate([prompt], seconds or params.seconds, [seed], recipe)
-        if stereo:
-            both, upmix_ms = upmix(upmixer, audio)
     except PrestoError as err:
         _fail(str(err))
-    sf.write(output, both[0].T if stereo else audio[0], generator.sample_rate)
-    typer.echo(f"wrote {output} ({audio.shape[1] / generator.sample_rate:.1f} s{', stereo' if stereo else ''}) on "
+    sf.write(output, audio[0].T, generator.sample_rate)  # [samples] or [samples, 2]
+    typer.echo(f"wrote {output} ({audio.shape[-1] / generator.sample_rate:.1f} s{', stereo' if stereo else ''}) on "
                f"{dev} in {timings['total_ms'] / 1e3:.2f} s: text {timings['text_ms']:.0f} ms, sampling "
                f"{timings['sample_ms']:.0f} ms ({recipe.sampler}, {recipe.steps} steps, NFE {timings['nfe']:.0f}), "
-               f"decode {timings['decode_ms']:.0f} ms" + (f", upmix {upmix_ms:.0f} ms" if stereo else ""))
+               f"decode {timings['decode_ms']:.0f} ms" + (f", upmix {timings['upmix_ms']:.0f} ms" if stereo else ""))
 
 
 def main() -> None:

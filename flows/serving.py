@@ -2,16 +2,20 @@
 --env-manager local` answers a prompt with audio over HTTP.
 
 Request (POST /invocations), one row per clip; only `prompt` is required, `seconds` and `steps` default to
-the settings the model was registered with, `seed` to 0:
+the settings the model was registered with, `seed` to 0; the request's param `stereo` (default false) asks
+for every clip in stereo:
 
-    {"dataframe_records": [{"prompt": "calm piano at 80 bpm", "seconds": 4.0, "seed": 7, "steps": 4}]}
+    {"dataframe_records": [{"prompt": "calm piano at 80 bpm", "seconds": 4.0, "seed": 7, "steps": 4}],
+     "params": {"stereo": true}}
 
-Response: {"predictions": [{"audio_wav_base64": "...", "sample_rate": 16000, "seconds": 4.0, "nfe": 4,
-"latency_ms": 812.5}]}, the audio a mono 16-bit WAV file.
+Response: {"predictions": [{"audio_wav_base64": "...", "sample_rate": 16000, "channels": 2, "seconds": 4.0,
+"nfe": 4, "latency_ms": 812.5}]}, the audio a 16-bit WAV file: mono, or with `stereo` the mono clip upmixed
+by the bundle's upmixer (presto.stereo; its time is in latency_ms).
 
 The model is logged "from code": MLflow keeps a copy of this file and runs it to rebuild the model (the
 `set_model` call at the bottom), so nothing is pickled; the weights travel as the bundle's safetensors and
-JSON (artifacts `model`, `vae` and `encode`, see stages/evaluate.py) and the default settings as `config`.
+JSON (artifacts `model`, `vae`, `encode` and `upmixer`, see stages/evaluate.py) and the default settings as
+`config`.
 The code imports presto, so serve it with `--env-manager local` from an environment where presto is
 installed, with that environment's bin folder on PATH (MLflow starts `uvicorn` by name).
 """
@@ -29,21 +33,24 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from presto.errors import InputError
 
-ARTIFACTS = ("model", "vae", "encode")  # the bundle's folders; artifact "config" holds CONFIG_FILE
+ARTIFACTS = ("model", "vae", "encode", "upmixer")  # the bundle's folders; artifact "config" holds CONFIG_FILE
 CONFIG_FILE = "serving.json"  # {recipe, seconds, ...}: the settings a request's missing fields default to
 # A request longer than this is refused: the latent sequence, attention and decoder memory grow with it.
 MAX_SECONDS = 300.0
 # seed and steps are whole numbers sent as doubles: a frame's integer column cannot hold the NaN that marks a
-# row without the field, and parse_request checks they are whole.
+# row without the field, and parse_request checks they are whole. Stereo is a param of the request, not a
+# column: MLflow casts a boolean column's gaps to True.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "seconds", required=False),
                    ColSpec("double", "seed", required=False), ColSpec("double", "steps", required=False)]),
     outputs=Schema([ColSpec("string", "audio_wav_base64"), ColSpec("long", "sample_rate"),
-                    ColSpec("double", "seconds"), ColSpec("double", "nfe"), ColSpec("double", "latency_ms")]),
+                    ColSpec("long", "channels"), ColSpec("double", "seconds"), ColSpec("double", "nfe"),
+                    ColSpec("double", "latency_ms")]),
+    params=ParamSchema([ParamSpec("stereo", "boolean", False)]),
 )
 # What serving imports; pinned to this environment's versions (listed explicitly, so that logging a model
 # does not start MLflow's slow requirement inference). presto itself is installed from its checkout.
@@ -56,6 +63,7 @@ def requirements() -> list[str]:
 
 
 def wav_base64(audio: Any, sample_rate: int) -> str:
+    """A 16-bit WAV file, base64: of mono audio [samples] or stereo [samples, 2]."""
     import numpy as np
     import soundfile as sf
 
@@ -99,15 +107,26 @@ def parse_request(row: dict[str, Any], seconds: float, steps: int) -> tuple[str,
     return prompt, out_seconds, seed, out_steps
 
 
+def stereo_requested(params: dict[str, Any] | None) -> bool:
+    """The request's `stereo` param (false when absent); anything but a boolean is a 400."""
+    stereo = (params or {}).get("stereo", False)
+    if not isinstance(stereo, bool):
+        raise MlflowException.invalid_parameter_value(f"param stereo must be true or false, got {stereo!r}")
+    return stereo
+
+
 class PrestoModel(PythonModel):
-    """presto.generation.Generator behind MLflow's pyfunc interface: a row per prompt in, a WAV per row out."""
+    """presto.generation.Generator behind MLflow's pyfunc interface: a row per prompt in, a WAV per row out; a
+    request with the param `stereo` goes through presto.stereo.StereoGenerator."""
 
     def load_context(self, context: Any) -> None:
         from presto.generation import Generator, SamplingRecipe, resolve_device
+        from presto.stereo import StereoGenerator
 
         art = context.artifacts
         self.generator = Generator.load(art["model"], vae_dir=art["vae"], encode_dir=art["encode"],
                                         device=resolve_device("auto"))
+        self.stereo_generator = StereoGenerator(self.generator, art["upmixer"])
         config = json.loads(Path(art["config"]).read_text())
         self.recipe = SamplingRecipe.model_validate(config["recipe"])
         self.seconds = float(config["seconds"])
@@ -123,17 +142,20 @@ class PrestoModel(PythonModel):
             rows = model_input.to_dict(orient="records")
         else:
             rows = [model_input] if isinstance(model_input, dict) else list(model_input)
+        stereo = stereo_requested(params)
+        generator = self.stereo_generator if stereo else self.generator
         out = []
         for row in rows:
             prompt, seconds, seed, steps = parse_request(row, self.seconds, self.recipe.steps)
             try:
                 recipe = type(self.recipe).model_validate(self.recipe.model_dump() | {"steps": steps})
-                audio, timings = self.generator.generate([prompt], seconds, [seed], recipe)
+                audio, timings = generator.generate([prompt], seconds, [seed], recipe)
             except (ValidationError, PrestoError) as err:
                 raise MlflowException.invalid_parameter_value(str(err)) from None
             rate = self.generator.sample_rate
-            out.append({"audio_wav_base64": wav_base64(audio[0], rate), "sample_rate": rate,
-                        "seconds": audio.shape[1] / rate, "nfe": timings["nfe"], "latency_ms": timings["total_ms"]})
+            out.append({"audio_wav_base64": wav_base64(audio[0].T, rate), "sample_rate": rate,
+                        "channels": 2 if stereo else 1, "seconds": audio.shape[-1] / rate, "nfe": timings["nfe"],
+                        "latency_ms": timings["total_ms"]})
         return pd.DataFrame(out)
 
 

@@ -305,12 +305,24 @@ class PrestoLSParams(PrestoSParams):
     schedule: BudgetScheduleConfig  # the generator's blocks per noise band (presto_l's schema, milder)
 
 
+CompileChoice = Literal["auto", "on", "off"]  # torch.compile for inference (presto.fast_path)
+
+
 class GenerateParams(Section):
     """Defaults of `presto generate` (no stage reads them)."""
 
     recipe: SamplingRecipe
     seconds: PositiveFloat
     device: str  # auto (CUDA when available), cpu, cuda, cuda:N
+    compile: CompileChoice  # auto: on for CUDA, off on a CPU
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_switch(cls, raw: Any) -> Any:
+        # YAML 1.1 reads a bare on / off as true / false.
+        if isinstance(raw, dict) and isinstance(raw.get("compile"), bool):
+            return raw | {"compile": "on" if raw["compile"] else "off"}
+        return raw
 
 
 class EmbedderParams(Section):
@@ -357,6 +369,13 @@ class RhoSweepParams(Section):
     rhos: list[PositiveFloat]  # [] turns it off
 
 
+class StereoEvalParams(Section):
+    """The upmixer (train_stereo) scored against the real stereo clips among the reference clips."""
+
+    stft_fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]  # side/channel distances
+    listen_clips: NonNegInt  # real stereo test clips in the report: real, upmixed from mono, mono
+
+
 class EvaluateParams(Section):
     """The evaluate stage (stages/evaluate.py): every run against the test split, then the report."""
 
@@ -373,6 +392,7 @@ class EvaluateParams(Section):
     prdc_k: PositiveInt
     best_of_n: BestOfNParams
     rho_sweep: RhoSweepParams
+    stereo: StereoEvalParams
     resources: Resources
 
     @model_validator(mode="after")

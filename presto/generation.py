@@ -11,6 +11,10 @@ the base model (a multistep sampler with CFG++), Presto-S (the `consistency` sam
 Presto-L, ASE and Presto-LS (a layer budget per noise level: the schedule.json saved beside the model, which
 `Generator.load` applies at every step count and rho, or a recipe's per-step `budgets`). What the network is given besides (x, sigma, text)
 at a noise level is `Generator.net_kwargs`, the one place a new model family plugs in.
+
+Fast path: on CUDA the DiT runs under bf16 autocast; with `compile` on (presto.fast_path) the DiT's blocks and
+the VAE decoder run compiled; a prompt's text embedding is kept in a small LRU (presto.text.encoder), so a
+repeated prompt skips the text encoder.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -34,11 +38,18 @@ from presto.diffusion.guidance import CFGPlusPlus, ClassifierFreeGuidance, NFECo
 from presto.distill.presto_l import SCHEDULE_FILE, BudgetedDenoiser, load_schedule
 from presto.diffusion.sampling import SAMPLERS, PerItemNoise, consistency_sigmas, karras_sigmas, sample
 from presto.errors import InputError
+from presto.fast_path import CompileChoice, compile_for_inference, wants_compile
 from presto.models.checkpoint import load_model
 from presto.models.dit import DiT
 from presto.models.vae import AudioVAE
 from presto.text.condition import TextCondition
-from presto.text.encoder import TextEncoderConfig, load_text_encoder
+from presto.text.encoder import (
+    TEXT_CACHE_PROMPTS,
+    CachedTextEncoder,
+    TextEncoder,
+    TextEncoderConfig,
+    load_text_encoder,
+)
 
 EDM_FILE = "edm.json"  # sigma_data, sigma_min, sigma_max of a trained denoiser, beside its model/ folder
 MODEL_DIR = "model"
@@ -80,12 +91,6 @@ class SamplingRecipe(Section):
         return grid(self.steps, self.sigma_min, self.sigma_max, self.rho, device=device)
 
 
-class TextEncoder(Protocol):
-    dim: int
-
-    def encode(self, texts: list[str]) -> TextCondition: ...
-
-
 def read_edm(path: str | Path) -> dict[str, float]:
     """{sigma_data, sigma_min, sigma_max} of a trained denoiser (the `edm.json` beside its model folder)."""
     path = Path(path)
@@ -115,7 +120,8 @@ class Generator:
     """A trained text-to-music bundle, ready to sample: `generate(prompts, seconds, seeds, recipe)`."""
 
     def __init__(self, dit: DiT, sigma_data: float, vae: AudioVAE, stats: LatentStats, text_encoder: TextEncoder,
-                 device: torch.device):
+                 device: torch.device, *, compile: CompileChoice = "off"):
+        """`compile` (presto.fast_path: auto, on, off) compiles the DiT's blocks and the VAE decoder in place."""
         cfg = dit.cfg
         if not vae.config.latent_channels == stats.latent_channels == cfg.latent_channels:
             raise InputError(f"latent channels disagree: DiT {cfg.latent_channels}, VAE {vae.config.latent_channels}, "
@@ -132,11 +138,16 @@ class Generator:
         self.denoiser = Denoiser(self.dit, sigma_data)
         self.vae = vae.to(device).eval()
         self.stats = stats
-        self.text_encoder = text_encoder
+        self.text_encoder = CachedTextEncoder(text_encoder, TEXT_CACHE_PROMPTS)
+        self.compile = compile
+        if wants_compile(compile, device):
+            for block in self.dit.blocks:
+                compile_for_inference(block)
+            compile_for_inference(self.vae.decoder)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, vae_dir: str | Path, encode_dir: str | Path,
-             device: torch.device) -> "Generator":
+             device: torch.device, compile: CompileChoice = "off") -> "Generator":
         """A bundle from disk: `model_dir` holds `model/` (a saved DiT) and `edm.json`; see `around`. A model
         folder with a schedule.json (Presto-L, ASE, Presto-LS) runs each noise level at the layer budget it was
         trained for, with or without the reroute as trained."""
@@ -145,7 +156,8 @@ class Generator:
         dit, _ = load_model(model_dir / MODEL_DIR, device=device)
         if not isinstance(dit, DiT):
             raise InputError(f"{model_dir / MODEL_DIR}: holds a {type(dit).__name__}, not a DiT")
-        generator = cls.around(dit, edm["sigma_data"], vae_dir=vae_dir, encode_dir=encode_dir, device=device)
+        generator = cls.around(dit, edm["sigma_data"], vae_dir=vae_dir, encode_dir=encode_dir, device=device,
+                               compile=compile)
         if (model_dir / SCHEDULE_FILE).is_file():
             generator.denoiser = BudgetedDenoiser(generator.dit, edm["sigma_data"],
                                                   load_schedule(model_dir / SCHEDULE_FILE))
@@ -153,7 +165,7 @@ class Generator:
 
     @classmethod
     def around(cls, dit: DiT, sigma_data: float, *, vae_dir: str | Path, encode_dir: str | Path,
-               device: torch.device) -> "Generator":
+               device: torch.device, compile: CompileChoice = "off") -> "Generator":
         """A DiT (e.g. one still in training) with the rest of the bundle from disk: the VAE is a saved model
         folder; `encode_dir` holds `latent_stats.json` and `text_encoder.json`."""
         encode_dir = Path(encode_dir)
@@ -165,7 +177,8 @@ class Generator:
         if not text_cfg_path.is_file():
             raise InputError(f"{text_cfg_path}: text encoder config not found; run the encode stage first")
         text_cfg = TextEncoderConfig.model_validate_json(text_cfg_path.read_text())
-        return cls(dit, sigma_data, vae, stats, load_text_encoder(text_cfg, device=str(device)), device)
+        return cls(dit, sigma_data, vae, stats, load_text_encoder(text_cfg, device=str(device)), device,
+                   compile=compile)
 
     @property
     def sample_rate(self) -> int:
@@ -193,6 +206,41 @@ class Generator:
 
         return denoise
 
+    def encode_text(self, prompts: Sequence[str]) -> TextCondition:
+        """The prompts' text condition on the generator's device (a repeated prompt comes from the cache)."""
+        return self.text_encoder.encode(list(prompts)).to(self.device)
+
+    @torch.inference_mode()
+    def sample_latents(self, text: TextCondition, seconds: float, seeds: Sequence[int],
+                       recipe: SamplingRecipe) -> tuple[Tensor, int]:
+        """Normalised latents [B, C, frames(seconds)] sampled by `recipe` for the text condition, one seed per
+        item, and the number of network evaluations (NFE; CFG counts 2)."""
+        if recipe.budgets is not None and not self.dit.cfg.budget_conditioning:
+            raise InputError("the recipe has layer budgets but this model was not trained with budget conditioning")
+        if recipe.budgets is not None and isinstance(self.denoiser, BudgetedDenoiser):
+            raise InputError(f"this model runs its own layer schedule ({SCHEDULE_FILE}); the recipe's budgets "
+                             "must be null")
+        batch, device = len(seeds), self.device
+        cond = (text.tokens, text.mask, text.pooled)
+        sigmas = recipe.sigmas(device)
+        fn = self.denoise_fn(recipe, sigmas)
+        if recipe.guidance != "none":
+            null = self.dit.null_cond(batch, text.mask.shape[1])
+            uncond = (null.tokens.to(text.tokens.dtype), null.mask, null.pooled.to(text.pooled.dtype))
+            fn = (CFGPlusPlus if recipe.guidance == "cfgpp" else ClassifierFreeGuidance)(fn, uncond, recipe.scale)
+        counter = NFECounter(fn)
+        shape = (batch, self.dit.cfg.latent_channels, self.frames(seconds))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z_n = sample(recipe.sampler, counter, PerItemNoise(seeds), shape, sigmas, cond=cond, device=device)
+        return z_n, counter.nfe
+
+    @torch.inference_mode()
+    def decode(self, z_n: Tensor, seconds: float) -> np.ndarray:
+        """Audio [B, round(seconds * sample_rate)] float32 of normalised latents (VAE decode in float32)."""
+        z = self.stats.denormalise(z_n.float())
+        audio = self.vae.decode_long(z, DECODE_CHUNK_FRAMES)[:, 0, :round(seconds * self.sample_rate)]
+        return audio.float().cpu().numpy()
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -209,37 +257,16 @@ class Generator:
             raise InputError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
         if not (math.isfinite(seconds) and seconds > 0):
             raise InputError(f"generate: seconds = {seconds} must be a positive number")
-        if recipe.budgets is not None and not self.dit.cfg.budget_conditioning:
-            raise InputError("the recipe has layer budgets but this model was not trained with budget conditioning")
-        if recipe.budgets is not None and isinstance(self.denoiser, BudgetedDenoiser):
-            raise InputError(f"this model runs its own layer schedule ({SCHEDULE_FILE}); the recipe's budgets "
-                             "must be null")
-        batch, device = len(prompts), self.device
         self._sync()
         t0 = time.perf_counter()
-
-        text = self.text_encoder.encode(list(prompts)).to(device)
-        cond = (text.tokens, text.mask, text.pooled)
+        text = self.encode_text(prompts)
         self._sync()
         t1 = time.perf_counter()
-
-        sigmas = recipe.sigmas(device)
-        fn = self.denoise_fn(recipe, sigmas)
-        if recipe.guidance != "none":
-            null = self.dit.null_cond(batch, text.mask.shape[1])
-            uncond = (null.tokens.to(text.tokens.dtype), null.mask, null.pooled.to(text.pooled.dtype))
-            fn = (CFGPlusPlus if recipe.guidance == "cfgpp" else ClassifierFreeGuidance)(fn, uncond, recipe.scale)
-        counter = NFECounter(fn)
-        shape = (batch, self.dit.cfg.latent_channels, self.frames(seconds))
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z_n = sample(recipe.sampler, counter, PerItemNoise(seeds), shape, sigmas, cond=cond, device=device)
+        z_n, nfe = self.sample_latents(text, seconds, seeds, recipe)
         self._sync()
         t2 = time.perf_counter()
-
-        z = self.stats.denormalise(z_n.float())
-        audio = self.vae.decode_long(z, DECODE_CHUNK_FRAMES)[:, 0, :round(seconds * self.sample_rate)]
-        out = audio.float().cpu().numpy()
+        out = self.decode(z_n, seconds)
         t3 = time.perf_counter()
         timings = {"text_ms": 1e3 * (t1 - t0), "sample_ms": 1e3 * (t2 - t1), "decode_ms": 1e3 * (t3 - t2),
-                   "total_ms": 1e3 * (t3 - t0), "nfe": float(counter.nfe)}
+                   "total_ms": 1e3 * (t3 - t0), "nfe": float(nfe)}
         return out, timings

@@ -13,16 +13,26 @@ the same length:
   speed    nfe (CFG counts 2 per step); latency_ms at batch 1: warm, the median of `latency_repeats` runs,
            text encoding + sampling + VAE decode, broken down as latency_{text,sample,decode}_ms;
            rtf = seconds of audio per second of latency (the paper's convention: 32 s in 43.34 s is 0.74);
-           speedup_vs_base = latency of `reference_run` / latency of the run
+           speedup_vs_base = latency of `reference_run` / latency of the run; upmix_ms, the upmixer's time
+           for the same seconds (warm, median of as many runs), and latency_stereo_ms = latency_ms + upmix_ms
+
+Stereo (the train_stereo upmixer, which every model is registered and served with): the real stereo clips
+among the reference clips, upmixed from their downmix, against the real ones, beside dual mono (side = 0):
+side and channel STFT distances, inter-channel correlation and width with their errors, and the FAD of the
+side signals (presto/eval/stereo.py); and the served model's clips upmixed, which no real clip pairs with:
+their correlation, width and side-signal FAD against the real stereo clips.
 
 Options (the paper's extra analyses): best of N (each prompt gets N candidates, as many as fit a latency
 budget, and keeps the one with the best CLAP score, or without CLAP the best tempo/key adherence; its
 latency counts generating and scoring all N), and a sweep of the step schedule's rho for one run.
 
-Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
-the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html. The report and
-plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe);
-the alias `best` marks the model to serve: Presto-LS when evaluated, else the lowest-FAD model.
+Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n, and
+the stereo scores as {"stereo": {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}}),
+the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
+model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
+and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
+and the upmixer for stereo requests); the alias `best` marks the model to serve: Presto-LS when evaluated,
+else the lowest-FAD model.
 
 Resumption: each generated set of clips is saved to ctx.checkpoint_dir as soon as it exists; a rerun
 after a crash loads it instead of generating again.
@@ -53,12 +63,17 @@ from presto.data.shards import MANIFEST, ShardReader, read_manifest
 from presto.errors import InputError, ParamsError
 from presto.eval import adherence, metrics
 from presto.eval.adherence import Measured, Target
+from presto.eval.stereo import channel_correlation, side_embeddings, stereo_comparison, stereo_width
 from presto.distill.presto_l import SCHEDULE_FILE
 from presto.generation import EDM_FILE, MODEL_DIR, Generator, SamplingRecipe
+from presto.models.upmixer import INFO_FILE as UPMIXER_INFO
+from presto.models.upmixer import MODEL_DIR as UPMIXER_MODEL
+from presto.models.upmixer import Upmixer, load_upmixer, upmix
 from presto.training.progress import Progress
 from stages.base import StageContext
 from stages.caption import CAPTIONS
 from stages.train_dit import VAE_MODEL
+from stages.train_stereo import stereo_clip
 
 REPORT = "report.html"
 PLOT_QUALITY = "quality_vs_latency.json"
@@ -70,8 +85,11 @@ BEST_ALIAS = "best"
 CANDIDATE_SEED_STRIDE = 100_003
 QUALITY_KEYS = ("fad", "mmd", "density", "recall", "coverage", "clap_score", "tempo_error", "key_accuracy",
                 "key_mirex")
-TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_text_ms", "latency_sample_ms", "latency_decode_ms",
-                             "rtf", "speedup_vs_base")
+TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_stereo_ms", "latency_text_ms", "latency_sample_ms",
+                             "latency_decode_ms", "rtf", "speedup_vs_base")
+# metrics.json's "stereo" entry: these for the upmixer and for dual mono, each with side_fad
+STEREO_KEYS = ("side_stft_distance", "channel_stft_distance", "correlation", "correlation_error", "width",
+               "width_error")
 
 
 # ---- the models -----------------------------------------------------------------------------------------
@@ -79,10 +97,11 @@ TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_text_ms", "latency_sa
 
 def model_files(root: Path, stage: str) -> dict[str, Path]:
     """The files of a model bundle in the project: the stage's model folder, the VAE, the encode stage's
-    latent statistics and text encoder."""
+    latent statistics and text encoder, the upmixer's folder."""
     encode = root / "artifacts" / "encode"
     return {"model_dir": root / "artifacts" / stage, "vae": root / "artifacts" / "train_vae" / VAE_MODEL,
-            "latent_stats": encode / LATENT_STATS, "text_encoder": encode / TEXT_ENCODER}
+            "latent_stats": encode / LATENT_STATS, "text_encoder": encode / TEXT_ENCODER,
+            "upmixer": root / "artifacts" / "train_stereo"}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -94,14 +113,14 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 @contextlib.contextmanager
 def bundle(root: Path, stage: str) -> Iterator[dict[str, Path]]:
-    """The bundle as three folders, {model, vae, encode}, holding only what generation reads (valid inside the
-    `with`): what a registered model carries. Files are hard links where possible (MLflow copies them, and
-    refuses symlinks out of the folder), in a scratch folder beside the project's run records."""
+    """The bundle as four folders, {model, vae, encode, upmixer}, holding only what generation reads (valid
+    inside the `with`): what a registered model carries. Files are hard links where possible (MLflow copies
+    them, and refuses symlinks out of the folder), in a scratch folder beside the project's run records."""
     files = model_files(root, stage)
     scratch = root / ".presto"
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bundle-", dir=scratch) as tmp:
-        model, encode = Path(tmp) / "model", Path(tmp) / "encode"
+        model, encode, upmixer = Path(tmp) / "model", Path(tmp) / "encode", Path(tmp) / "upmixer"
         encode.mkdir()
         shutil.copytree(files["model_dir"] / MODEL_DIR, model / MODEL_DIR, copy_function=_link_or_copy)
         for name in (EDM_FILE, SCHEDULE_FILE):
@@ -109,7 +128,9 @@ def bundle(root: Path, stage: str) -> Iterator[dict[str, Path]]:
                 _link_or_copy(str(files["model_dir"] / name), str(model / name))
         for name in ("latent_stats", "text_encoder"):
             _link_or_copy(str(files[name]), str(encode / files[name].name))
-        yield {"model": model, "vae": files["vae"], "encode": encode}
+        shutil.copytree(files["upmixer"] / UPMIXER_MODEL, upmixer / UPMIXER_MODEL, copy_function=_link_or_copy)
+        _link_or_copy(str(files["upmixer"] / UPMIXER_INFO), str(upmixer / UPMIXER_INFO))
+        yield {"model": model, "vae": files["vae"], "encode": encode, "upmixer": upmixer}
 
 
 # ---- the test set ---------------------------------------------------------------------------------------
@@ -124,6 +145,8 @@ class EvalSet:
     targets: list[Target]
     prompt_audio: np.ndarray  # [prompts, samples]: the clip each prompt describes (for the report)
     reference: np.ndarray  # [clips, samples]: the real set of the distribution metrics
+    stereo_ids: list[str]  # the reference clips with a stereo original (prepare keeps those of stereo sources)
+    stereo: np.ndarray  # [stereo clips, 2, samples]: their stereo originals
     sample_rate: int
 
 
@@ -176,10 +199,15 @@ def load_test_set(root: Path, p: EvaluateParams) -> EvalSet:
 
     prompt_rows = spread(captioned, p.n_prompts)
     prompts = [choose_prompt(captions[r["clip_id"]]) for r in prompt_rows]
+    stereo_rows = [r for r in reference_rows if "stereo_shard" in r]
+    stereo = np.zeros((len(stereo_rows), 2, samples), dtype=np.float32)
+    for k, row in enumerate(stereo_rows):
+        stereo[k] = stereo_clip(reader, row)[:, :samples]
     return EvalSet(clip_ids=[r["clip_id"] for r in prompt_rows], prompts=prompts,
                    targets=[adherence.prompt_target(t) for t in prompts],
                    prompt_audio=np.stack([clip(r) for r in prompt_rows]),
-                   reference=np.stack([clip(r) for r in reference_rows]), sample_rate=sample_rate)
+                   reference=np.stack([clip(r) for r in reference_rows]),
+                   stereo_ids=[r["clip_id"] for r in stereo_rows], stereo=stereo, sample_rate=sample_rate)
 
 
 # ---- scores ---------------------------------------------------------------------------------------------
@@ -275,16 +303,89 @@ def generate_set(generator: Generator, prompts: Sequence[str], seeds: Sequence[i
 
 def measure_latency(generator: Generator, prompt: str, seed: int, seconds: float, recipe: SamplingRecipe,
                     repeats: int) -> dict[str, float]:
-    """Batch-1 latency after one warm-up call: the median of `repeats` calls, in total and per component."""
-    generator.generate([prompt], seconds, [seed], recipe)
-    runs = [generator.generate([prompt], seconds, [seed], recipe)[1] for _ in range(repeats)]
+    """Batch-1 latency after one warm-up call: the median of `repeats` calls, in total and per component.
+    Every call encodes its prompt (the text cache is emptied first): a served prompt is usually new."""
+
+    def timed() -> dict[str, float]:
+        generator.text_encoder.clear()
+        return generator.generate([prompt], seconds, [seed], recipe)[1]
+
+    timed()
+    runs = [timed() for _ in range(repeats)]
     return {f"latency_{part}_ms": float(np.median([r[f"{part}_ms"] for r in runs]))
             for part in ("text", "sample", "decode")} | {"latency_ms": float(np.median([r["total_ms"] for r in runs]))}
 
 
-def speed(latency: dict[str, float], nfe: float, seconds: float, reference_ms: float) -> dict[str, float]:
+def upmix_all(upmixer: Upmixer, mono: np.ndarray, batch: int) -> np.ndarray:
+    """Stereo [clips, 2, samples] of mono clips [clips, samples], `batch` clips at a time."""
+    return np.concatenate([upmix(upmixer, mono[i:i + batch])[0] for i in range(0, len(mono), batch)])
+
+
+def measure_upmix(upmixer: Upmixer, clip: np.ndarray, repeats: int) -> float:
+    """Batch-1 upmix time (ms) of a mono clip [1, samples] after one warm-up call: the median of `repeats`."""
+    upmix(upmixer, clip)
+    return float(np.median([upmix(upmixer, clip)[1] for _ in range(repeats)]))
+
+
+def speed(latency: dict[str, float], nfe: float, seconds: float, reference_ms: float,
+          upmix_ms: float) -> dict[str, float]:
     return latency | {"nfe": nfe, "rtf": seconds / (latency["latency_ms"] / 1e3),
-                      "speedup_vs_base": reference_ms / latency["latency_ms"]}
+                      "speedup_vs_base": reference_ms / latency["latency_ms"],
+                      "upmix_ms": upmix_ms, "latency_stereo_ms": latency["latency_ms"] + upmix_ms}
+
+
+# ---- stereo ---------------------------------------------------------------------------------------------
+
+
+def check_stereo_params(p: EvaluateParams, sample_rate: int) -> None:
+    samples = round(p.seconds * sample_rate)
+    if max(p.stereo.stft_fft_sizes) > samples:
+        raise ParamsError(f"evaluate.stereo.stft_fft_sizes: {max(p.stereo.stft_fft_sizes)} samples is longer than "
+                          f"the evaluate.seconds = {p.seconds} clips ({samples} samples at {sample_rate} Hz)")
+
+
+def side_fad(embedder: Any, real_sides: np.ndarray | None, stereo: np.ndarray, sample_rate: int) -> float | None:
+    """FAD of the side signals of `stereo` [clips, 2, samples] against the real stereo clips' side embeddings;
+    None without two clips on each side (a covariance needs two)."""
+    if real_sides is None or len(stereo) < 2:
+        return None
+    return metrics.frechet_distance(real_sides, side_embeddings(embedder, stereo, sample_rate))
+
+
+def score_stereo(upmixer: Upmixer, embedder: Any, real_sides: np.ndarray | None, test: EvalSet,
+                 p: EvaluateParams) -> tuple[dict[str, dict[str, float | None]], np.ndarray]:
+    """The upmixer on the downmix of each real stereo test clip, against the real clip, beside dual mono
+    (side = 0): the upmixer, dual_mono and real parts of metrics.json's `stereo` entry, and the upmixed clips
+    [stereo clips, 2, samples]. Without stereo test clips every score is None."""
+    real, fft_sizes = test.stereo, p.stereo.stft_fft_sizes
+    if not len(real):
+        unscored = dict.fromkeys(STEREO_KEYS + ("side_fad",))
+        real_entry = {"correlation": None, "width": None, "clips": 0}
+        return {"upmixer": unscored, "dual_mono": dict(unscored), "real": real_entry}, real
+    mid = real.mean(axis=1)  # the downmix (L + R) / 2
+    upmixed = upmix_all(upmixer, mid, p.batch)
+    batches = []  # (clips, their stereo_comparison)
+    for i in range(0, len(real), p.batch):
+        pred, true = torch.from_numpy(upmixed[i:i + p.batch]), torch.from_numpy(real[i:i + p.batch])
+        batches.append((len(true), stereo_comparison(pred, true, fft_sizes)))
+    # Every score is a mean over clips of one length: batch means weighted by batch size are the overall mean.
+    scores = {k: sum(n * b[k] for n, b in batches) / len(real) for k in batches[0][1]}
+    dual_mono = np.stack([mid, mid], axis=1)
+    entry = {"upmixer": {k: scores[f"upmix_{k}"] for k in STEREO_KEYS}
+             | {"side_fad": side_fad(embedder, real_sides, upmixed, test.sample_rate)},
+             "dual_mono": {k: scores[f"dual_mono_{k}"] for k in STEREO_KEYS}
+             | {"side_fad": side_fad(embedder, real_sides, dual_mono, test.sample_rate)},
+             "real": {"correlation": scores["real_correlation"], "width": scores["real_width"], "clips": len(real)}}
+    return entry, upmixed
+
+
+def score_generated_stereo(stereo: np.ndarray, embedder: Any, real_sides: np.ndarray | None,
+                           sample_rate: int) -> dict[str, float | None]:
+    """Generated clips upmixed [clips, 2, samples], which no real clip pairs with: their mean correlation and
+    width (to read beside the real clips') and the FAD of their side signals against the real ones."""
+    clips = torch.from_numpy(stereo)
+    return {"correlation": channel_correlation(clips).mean().item(), "width": stereo_width(clips).mean().item(),
+            "side_fad": side_fad(embedder, real_sides, stereo, sample_rate)}
 
 
 # ---- outputs --------------------------------------------------------------------------------------------
@@ -305,13 +406,48 @@ def plot_records(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[di
     return quality, steps
 
 
+@dataclass(frozen=True)
+class StereoReport:
+    """What the report shows of stereo: the served run's clip per prompt upmixed, the stereo scores (metrics.json's
+    `stereo` entry), and the real stereo test clips' upmix."""
+
+    served: str  # label of the served model's run
+    served_clips: np.ndarray  # [prompts, 2, samples]
+    scores: dict[str, dict[str, float | None]]  # {upmixer, dual_mono, real, served}
+    upmixed: np.ndarray  # [stereo clips, 2, samples], as EvalSet.stereo
+
+
+def stereo_listen_rows(test: EvalSet, upmixed: np.ndarray, count: int) -> list[Any]:
+    """Up to `count` real stereo test clips (spread over them), each beside its upmix and its mono downmix."""
+    from presto.eval.report import ListenRow
+
+    rows = []
+    for k in spread(range(len(test.stereo)), count):
+        pair = torch.from_numpy(np.stack([test.stereo[k], upmixed[k]]))
+        (corr_real, corr_up), (width_real, width_up) = channel_correlation(pair).tolist(), stereo_width(pair).tolist()
+        rows.append(ListenRow(
+            label=f"test clip {test.stereo_ids[k]}",
+            details=f"correlation {corr_real:.2f} real, {corr_up:.2f} upmixed; width {width_real:.3f} real, "
+                    f"{width_up:.3f} upmixed",
+            clips={"real stereo": test.stereo[k], "upmixed from mono": upmixed[k],
+                   "mono (the upmixer's input)": test.stereo[k].mean(axis=0)}))  # the downmix (L + R) / 2
+    return rows
+
+
 def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict[str, Any]]],
                  clips: dict[str, np.ndarray], real_scores: dict[str, float | None], rho_records: list[dict],
-                 notes: list[str], seeds: int) -> None:
-    from presto.eval.report import PromptRow, line_plot, render_report
+                 notes: list[str], seeds: int, stereo: StereoReport, stereo_listen_clips: int) -> None:
+    from presto.eval.report import ListenGrid, ListenRow, Table, line_plot, render_report
 
     rows = [{"model": f"{name}/{s}", **entry} for name, by_steps in results.items() for s, entry in by_steps.items()]
     rows.append({"model": "real test clips (ceiling of the estimators)", **real_scores})
+    stereo_rows = [{"stereo": "upmixer", **stereo.scores["upmixer"]},
+                   {"stereo": "dual mono (side = 0)", **stereo.scores["dual_mono"]},
+                   {"stereo": "real stereo test clips", **stereo.scores["real"]},
+                   {"stereo": f"{stereo.served} generated, upmixed", **stereo.scores["served"]}]
+    tables = [Table("Metrics", ["model", *TABLE_KEYS], rows),
+              Table("Stereo: the upmixer against the real stereo test clips", ["stereo", *STEREO_KEYS, "side_fad"],
+                    stereo_rows)]
     by_model: dict[str, list[tuple[float, float, str]]] = {}
     for name, by_steps in results.items():
         by_model[name] = [(e["latency_ms"], e["fad"], f"{s} steps") for s, e in by_steps.items()]
@@ -325,16 +461,24 @@ def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict
         plots.append(("FAD against the step schedule's rho",
                       line_plot({"rho sweep": [(r["rho"], r["fad"], f"rho {r['rho']:g}") for r in rho_records]},
                                 x_label="rho", y_label="FAD", title="FAD vs rho", log_x=True)))
-    columns = ["real", *clips]
+    served_column = f"{stereo.served} upmixed to stereo"
+    columns = ["real", *clips, served_column]
     prompt_rows = []
     for i, (prompt, target) in enumerate(zip(test.prompts, test.targets)):
         asks = ", ".join(x for x in (f"{target.tempo:g} bpm" if target.tempo else "", target.key or "") if x)
         details = f"test clip {test.clip_ids[i]}" + (f"; asks for {asks}" if asks else "")
-        audio = {"real": test.prompt_audio[i]} | {label: a[i * seeds] for label, a in clips.items()}
-        prompt_rows.append(PromptRow(prompt=prompt, details=details, clips=audio))
-    html = render_report(title="presto: evaluation on the test split", notes=notes,
-                         table_columns=["model", *TABLE_KEYS], table_rows=rows, plots=plots, columns=columns,
-                         prompts=prompt_rows, sample_rate=test.sample_rate)
+        audio = ({"real": test.prompt_audio[i]} | {label: a[i * seeds] for label, a in clips.items()}
+                 | {served_column: stereo.served_clips[i]})
+        prompt_rows.append(ListenRow(label=prompt, details=details, clips=audio))
+    grids = [ListenGrid("Listen", "", "prompt", columns, prompt_rows)]
+    real_stereo = stereo_listen_rows(test, stereo.upmixed, stereo_listen_clips)
+    if real_stereo:
+        grids.append(ListenGrid(
+            "Listen in stereo: real test clips", "Each real stereo test clip beside the upmixer's stereo made from "
+            "its mono downmix, and that mono downmix (use headphones).", "test clip",
+            ["real stereo", "upmixed from mono", "mono (the upmixer's input)"], real_stereo))
+    html = render_report(title="presto: evaluation on the test split", notes=notes, tables=tables, plots=plots,
+                         grids=grids, sample_rate=test.sample_rate)
     path.write_text(html, encoding="utf-8")
 
 
@@ -398,7 +542,8 @@ class Models:
 
 
 def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, info: dict[str, float],
-              budget_ms: float, reference_ms: float) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
+              budget_ms: float, reference_ms: float, upmix_ms: float
+              ) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
     """The run with N candidates per clip, N as many as fit `budget_ms` (generating and scoring each, at
     batch 1) up to max_candidates, the best by the selection score kept: (entry, chosen clips, a note), or
     (None, None, note) when a second candidate does not fit."""
@@ -419,7 +564,7 @@ def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, i
     chosen = np.stack([candidates[j][i] for i, j in enumerate(pick)])
     latency = {k: n * v for k, v in info.items() if k.startswith("latency_")}
     latency["latency_ms"] += n * scorer.score_ms
-    entry = (scorer.score(chosen) | speed(latency, n * info["nfe"], p.seconds, reference_ms)
+    entry = (scorer.score(chosen) | speed(latency, n * info["nfe"], p.seconds, reference_ms, upmix_ms)
              | {"candidates": float(n), "latency_score_ms": n * scorer.score_ms})
     how = ("CLAP score" if scorer.text is not None else
            "tempo/key adherence (what the table's tempo and key columns measure: they improve by construction)")
@@ -449,11 +594,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(p.resources.cpus)))
     check_runs(ctx, p.runs)
     test = load_test_set(ctx.root, p)
+    check_stereo_params(p, test.sample_rate)
+    upmixer = load_upmixer(ctx.upstream("train_stereo"), sample_rate=test.sample_rate, device=device)
     embedder = make_embedder(p, device)
     reference, _ = cached(ctx.checkpoint_dir, "reference-embeddings",
                           lambda: (embedder.embed(test.reference, test.sample_rate), {}))
     scorer = Scorer(embedder, test, reference, len(p.seeds), p)
     ctx.tracker.set_tags({"embedder": embedder.name})
+    # Before the models: it takes seconds, and a broken stereo path stops the stage before the slow part.
+    real_sides = side_embeddings(embedder, test.stereo, test.sample_rate) if len(test.stereo) >= 2 else None
+    stereo_scores, upmixed = score_stereo(upmixer, embedder, real_sides, test, p)
+    upmix_ms = measure_upmix(upmixer, test.prompt_audio[:1], p.latency_repeats)
     models = Models(ctx, test, device)
 
     progress = Progress("evaluate", len(p.runs), unit="run", every_s=0.0)
@@ -467,7 +618,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for run_ in p.runs:
         audio, info = generated[run_.label]
         latency = {k: v for k, v in info.items() if k.startswith("latency_")}
-        entry = scorer.score(audio) | speed(latency, info["nfe"], p.seconds, reference_ms)
+        entry = scorer.score(audio) | speed(latency, info["nfe"], p.seconds, reference_ms, upmix_ms)
         results.setdefault(run_.name, {})[str(run_.recipe.steps)] = entry
         print(f"evaluate: {run_.label}: " + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if v is not None),
               flush=True)
@@ -479,7 +630,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for label in p.best_of_n.runs:
         run_ = by_label[label]
         entry, chosen, note = best_of_n(models, scorer, run_, *generated[label],
-                                        p.best_of_n.latency_budget_ms or reference_ms, reference_ms)
+                                        p.best_of_n.latency_budget_ms or reference_ms, reference_ms, upmix_ms)
         notes.append(note)
         if entry is not None:
             scaled.setdefault(f"{run_.name}_best_of_n", {})[str(run_.recipe.steps)] = entry
@@ -505,29 +656,48 @@ def run(ctx: StageContext) -> dict[str, Any]:
              + ("" if scorer.text is not None else " On this (non-CLAP) embedding FAD, MMD and PRDC compare our "
                 "models with each other, never with the paper's numbers."),
              "The last table row scores the real test clips against their own prompts: the tempo and key "
-             "estimators' ceiling."] + notes
+             "estimators' ceiling.",
+             f"Stereo: the upmixer (train_stereo) on the mono downmix of the {len(test.stereo)} real stereo clips "
+             "among the reference clips, against the real stereo, beside dual mono (side = 0); side_fad is the FAD "
+             "of the side signals (L - R) / 2 against the real clips' on the same embedding (dual mono's side is "
+             f"silence). The served model's clips upmixed have no real twin: their correlation, width and side "
+             f"FAD read beside the real clips'. Upmixing {p.seconds:g} s takes {upmix_ms:.1f} ms (batch 1, warm, "
+             f"median of {p.latency_repeats}): latency_stereo_ms = latency_ms + that."] + notes
+    served = served_model(results)
+    served_label = f"{served}/{best_run_of(results[served])}"
+    served_stereo = upmix_all(upmixer, clips[served_label], p.batch)
+    stereo_scores["served"] = score_generated_stereo(served_stereo, embedder, real_sides, test.sample_rate)
+    stereo = StereoReport(served=served_label, scores=stereo_scores, upmixed=upmixed,
+                          served_clips=served_stereo[::len(p.seeds)])  # a clip per prompt: its first seed
     write_report(ctx.out_dir / REPORT, test=test, results=results | scaled, clips=clips, real_scores=real_scores,
-                 rho_records=rho_records, notes=notes, seeds=len(p.seeds))
+                 rho_records=rho_records, notes=notes, seeds=len(p.seeds), stereo=stereo,
+                 stereo_listen_clips=p.stereo.listen_clips)
     for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO):
         ctx.tracker.log_artifact(ctx.out_dir / name)
     ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None})
-    register_models(ctx, p, results)
-    return results | scaled
+    register_models(ctx, p, results, served)
+    return results | scaled | {"stereo": stereo_scores}
 
 
-def register_models(ctx: StageContext, p: EvaluateParams, results: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Every evaluated model as presto-<name>, with the recipe of its lowest-FAD run; the alias `best` on
-    Presto-LS when it was evaluated, else on the model whose best run has the lowest FAD."""
-    best = {name: best_run_of(by_steps) for name, by_steps in results.items()}
+def served_model(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The model to serve (alias `best`): Presto-LS when it was evaluated, else the model whose best run has the
+    lowest FAD."""
     if "presto_ls" in results:
-        chosen = "presto_ls"
-    else:
-        chosen = min(best, key=lambda n: (results[n][best[n]]["fad"] is None, results[n][best[n]]["fad"] or 0.0))
+        return "presto_ls"
+    fad = {name: by_steps[best_run_of(by_steps)]["fad"] for name, by_steps in results.items()}
+    return min(fad, key=lambda n: (fad[n] is None, fad[n] or 0.0))
+
+
+def register_models(ctx: StageContext, p: EvaluateParams, results: dict[str, dict[str, dict[str, Any]]],
+                    served: str) -> None:
+    """Every evaluated model as presto-<name>, with the recipe of its lowest-FAD run and the upmixer; the alias
+    `best` on the `served` one."""
     stage_of = {r.name: r.stage for r in p.runs}
-    for name, steps in best.items():
+    for name, by_steps in results.items():
+        steps = best_run_of(by_steps)
         run_ = next(r for r in p.runs if r.name == name and str(r.recipe.steps) == steps)
         config = {"recipe": run_.recipe.model_dump(mode="json"), "seconds": p.seconds, "run": run_.label,
-                  "fad": results[name][steps]["fad"]}
+                  "fad": by_steps[steps]["fad"]}
         with bundle(ctx.root, stage_of[name]) as files:
-            ctx.tracker.log_model(name, files, config, BEST_ALIAS if name == chosen else None)
-    ctx.tracker.set_tags({"best_model": f"presto-{chosen}"})
+            ctx.tracker.log_model(name, files, config, BEST_ALIAS if name == served else None)
+    ctx.tracker.set_tags({"best_model": f"presto-{served}"})

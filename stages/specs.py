@@ -117,7 +117,7 @@ STAGES: tuple[StageSpec, ...] = (
              "it on val stereo clips beside dual mono.",
         params=("shared.seed", "shared.sample_rate", "train_stereo"),
         code=("stages/train_stereo.py", "presto/training/upmix_trainer.py", "presto/training/adversarial.py",
-              "presto/models/upmixer.py",
+              "presto/models/upmixer.py", "presto/eval/stereo.py",
               "presto/models/vae.py", "presto/models/audio_losses.py", "presto/models/discriminators.py",
               "presto/models/checkpoint.py", "presto/training/step_loop.py", "presto/training/state.py",
               "presto/training/progress.py", "presto/data/shards.py"),
@@ -183,16 +183,18 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         name="evaluate",
-        help="Score every model and setting on the test split (quality, text adherence, latency); write the "
-             "listening report; register the models for serving.",
+        help="Score every model and setting on the test split (quality, text adherence, latency; the upmixer's "
+             "stereo against real stereo clips); write the listening report; register the models for serving.",
         params=("evaluate",),
         code=("stages/evaluate.py", "presto/eval", "presto/generation.py", "presto/diffusion", "presto/models/dit.py",
               "presto/models/attention.py", "presto/models/vae.py", "presto/models/checkpoint.py",
+              "presto/models/upmixer.py", "presto/models/audio_losses.py", "stages/train_stereo.py",
               "presto/distill/presto_l.py", "presto/text", "presto/data/analysis.py", "presto/data/music.py",
               "presto/data/shards.py", "presto/data/latents.py", "presto/audio/plots.py"),
-        # The models evaluate.runs may name: adding a model is a run in params.yaml and its stage here.
-        upstream=("prepare", "caption", "train_vae", "encode", "train_dit", "presto_l", "ase", "presto_s",
-                  "presto_ls"),
+        # The models evaluate.runs may name (adding a model is a run in params.yaml and its stage here), and the
+        # upmixer every model is registered with.
+        upstream=("prepare", "caption", "train_vae", "encode", "train_stereo", "train_dit", "presto_l", "ase",
+                  "presto_s", "presto_ls"),
         plots=(Plot("quality_vs_latency.json", x="latency_ms", y="fad", title="FAD vs latency at batch 1"),
                Plot("fad_vs_steps.json", x="steps", y="fad", title="FAD vs sampling steps"),
                Plot("fad_vs_rho.json", x="rho", y="fad", title="FAD vs the step schedule's rho")),

@@ -23,17 +23,14 @@ from torch import Tensor
 from presto.config import TrainStereoParams
 from presto.data.shards import MANIFEST, ShardReader, read_manifest
 from presto.errors import InputError, ParamsError
+from presto.eval.stereo import stereo_comparison
 from presto.models.checkpoint import save_model
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.upmixer import INFO_FILE, MODEL_DIR, Upmixer, split_mid_side
 from presto.training.step_loop import LoopSchedule, resume_latest, train_to_end
-from presto.training.upmix_trainer import (
-    UpmixLossWeights,
-    UpmixTrainer,
-    stereo_comparison,
-    upmix_batched,
-)
+from presto.training.upmix_trainer import UpmixLossWeights, UpmixTrainer, upmix_batched
 from stages.base import StageContext
+
 
 def stereo_rows(manifest: Path, artifacts: Path, sample_rate: int) -> list[dict[str, Any]]:
     """prepare's manifest rows that have a stereo clip, checked: at the expected rate, shards on disk."""
@@ -134,8 +131,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.tracker.set_tags({"train_stereo.parameters_upmixer": str(sum(t.numel() for t in upmixer.parameters())),
                           "train_stereo.resumed_from_step": str(first_step)})
 
+    def val_scores() -> dict[str, float]:
+        upmixed = upmix_batched(upmixer, split_mid_side(val_clips)[0], p.batch)
+        return stereo_comparison(upmixed, val_clips, p.stft_fft_sizes)
+
     def validate(step: int) -> None:
-        scores = stereo_comparison(upmixer, val_clips, batch=p.batch, fft_sizes=p.stft_fft_sizes)
+        scores = val_scores()
         ctx.tracker.log_metrics({f"val_{k}": v for k, v in scores.items() if k.startswith("upmix_")}, step=step)
         if p.examples:
             log_examples(ctx, upmixer, examples, example_ids, sr, step)
@@ -146,7 +147,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         audio_seconds_per_step=p.batch * segment / sr,
         log_metrics=lambda metrics, step: ctx.tracker.log_metrics(metrics, step=step), validate=validate)
 
-    scores = stereo_comparison(upmixer, val_clips, batch=p.batch, fft_sizes=p.stft_fft_sizes)
+    scores = val_scores()
     ctx.tracker.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=p.steps)
     if p.examples:
         log_examples(ctx, upmixer, examples, example_ids, sr, p.steps)

@@ -1,10 +1,12 @@
 """The evaluate stage on a tiny random bundle and a tiny artifacts tree: every key for every run, NFE and
-speed-up bookkeeping, a resumed run after a crash, a self-contained report that escapes captions, valid
-plot files, registration; and the adherence and report units against hand-computed cases."""
+speed-up bookkeeping, the upmixer's stereo scores and stereo latency, a resumed run after a crash, a
+self-contained report that escapes captions and plays stereo, valid plot files, registration with the
+upmixer; and the adherence and report units against hand-computed cases."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_upmixer import TINY_UPMIXER
 
 from presto.config import Params, load_params
 from presto.data.latents import LATENT_STATS, TEXT_ENCODER, LatentStats
@@ -23,10 +26,11 @@ from presto.distill.presto_l import BudgetSchedule, BudgetScheduleConfig, save_s
 from presto.errors import InputError, ParamsError
 from presto.eval import adherence
 from presto.eval.adherence import Measured, Target
-from presto.eval.report import PromptRow, render_report
+from presto.eval.report import ListenGrid, ListenRow, Table, render_report
 from presto.generation import EDM_FILE, MODEL_DIR
 from presto.models.checkpoint import save_model
 from presto.models.dit import DiT, DiTConfig
+from presto.models.upmixer import INFO_FILE, Upmixer
 from presto.models.vae import AudioVAE, VAEConfig
 from stages import evaluate
 from stages.base import StageContext
@@ -40,6 +44,7 @@ VAE_CFG = VAEConfig(channels=4, channel_multipliers=[1, 2, 2], strides=[4, 4, 4]
 SCRIPT = "<script>alert(1)</script>"
 REQUIRED = ("fad", "mmd", "density", "recall", "coverage", "clap_score", "tempo_error", "key_accuracy", "nfe",
             "latency_ms", "rtf", "speedup_vs_base")
+STEREO_CLIPS = [0, 1, 2, 4, 5, 6, 7]  # the long test clips with a stereo original (clip 3 is a mono source)
 
 
 # ---- adherence ------------------------------------------------------------------------------------------
@@ -96,18 +101,23 @@ def test_measure_finds_tempo_and_key_of_a_known_clip():
 def test_report_is_self_contained_and_escaped():
     rng = np.random.default_rng(0)
     clip = (0.1 * rng.standard_normal(SR)).astype(np.float32)
-    html = render_report(title=f"t {SCRIPT}", notes=[f'note "{SCRIPT}"'], table_columns=["model", "fad"],
-                         table_rows=[{"model": f"m{SCRIPT}", "fad": 1.5}, {"model": "x", "fad": None}], plots=[],
-                         columns=["real", "base/4"],
-                         prompts=[PromptRow(f"{SCRIPT} at 120 bpm", f"clip {SCRIPT}", {"real": clip})],
+    stereo = np.stack([clip, 0.5 * clip])
+    html = render_report(title=f"t {SCRIPT}", notes=[f'note "{SCRIPT}"'],
+                         tables=[Table(f"metrics {SCRIPT}", ["model", "fad"],
+                                       [{"model": f"m{SCRIPT}", "fad": 1.5}, {"model": "x", "fad": None}])],
+                         plots=[], grids=[ListenGrid("Listen", f"n {SCRIPT}", "prompt", ["real", "base/4", "stereo"],
+                                                     [ListenRow(f"{SCRIPT} at 120 bpm", f"clip {SCRIPT}",
+                                                                {"real": clip, "stereo": stereo})])],
                          sample_rate=SR)
-    # the title (twice), the note, the table, the prompt and its details
-    assert "<script" not in html and html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 6
+    # the title (twice), the note, the table's heading and row, the grid's note, the prompt and its details
+    assert "<script" not in html and html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 8
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
     uris = re.findall(r'src="data:(audio/[a-z]+);base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(uris) == 1  # the empty base/4 cell holds no player
-    audio, rate = sf.read(io.BytesIO(base64.b64decode(uris[0][1])))
-    assert rate == SR and abs(len(audio) - SR) <= 64
+    assert len(uris) == 2  # the empty base/4 cell holds no player
+    (mono, rate), (two, rate_2) = (sf.read(io.BytesIO(base64.b64decode(u[1]))) for u in uris)
+    assert rate == rate_2 == SR and abs(len(mono) - SR) <= 64
+    assert mono.ndim == 1 and two.ndim == 2 and two.shape[1] == 2  # the stereo clip plays in stereo
+    assert html.count('class="spec stereo"') == 1
     pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert pngs and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
@@ -131,17 +141,25 @@ def random_dit(budget_conditioning: bool = False) -> DiT:
 
 
 def make_artifacts(root: Path) -> None:
-    """prepare (8 test clips of 1.25 s, one short one, train clips), caption, train_vae, encode, train_dit, and
-    an ase model with its layer schedule."""
+    """prepare (8 test clips of 1.25 s, all but one with a stereo original, one short one, train clips),
+    caption, train_vae, train_stereo, encode, train_dit, and an ase model with its layer schedule."""
     art = root / "artifacts"
     rows = []
-    with ShardWriter(art / "prepare", "mono", 64) as long, ShardWriter(art / "prepare", "short", 64) as short:
+    with (ShardWriter(art / "prepare", "mono", 64) as long, ShardWriter(art / "prepare", "short", 64) as short,
+          ShardWriter(art / "prepare", "stereo", 64) as two):
         for i in range(11):
             split = "train" if i >= 9 else "test"
             seconds = 0.5 if i == 8 else 1.25
-            shard, index = (short if seconds < 1 else long).add(tone_clip(seconds, 220.0 * 1.06 ** i, 90 + 5 * i))
+            f0, bpm = 220.0 * 1.06 ** i, 90 + 5 * i
+            # stereo: the tone left, the tone and its fifth right
+            stereo = np.stack([tone_clip(seconds, f0, bpm), 0.5 * (tone_clip(seconds, f0, bpm)
+                                                                    + tone_clip(seconds, 1.5 * f0, bpm))])
+            shard, index = (short if seconds < 1 else long).add(stereo.mean(axis=0))
             rows.append({"clip_id": f"clip-{i}", "track_id": f"t{i // 3}", "split": split, "shard": f"prepare/{shard}",
-                         "index": index, "sample_rate": SR, "seconds": seconds, "bpm": 90 + 5 * i})
+                         "index": index, "sample_rate": SR, "seconds": seconds, "bpm": bpm})
+            if i in STEREO_CLIPS:
+                stereo_shard, stereo_index = two.add(stereo)
+                rows[-1] |= {"stereo_shard": f"prepare/{stereo_shard}", "stereo_index": stereo_index}
     write_manifest(art / "prepare" / MANIFEST, rows)
     captions = [{"clip_id": r["clip_id"], "split": r["split"],
                  "captions": [f"organ, {r['bpm']} bpm", f"{SCRIPT} at {r['bpm']} bpm, in C major"]} for r in rows]
@@ -149,6 +167,8 @@ def make_artifacts(root: Path) -> None:
     write_manifest(art / "caption" / "captions.jsonl", captions)
     torch.manual_seed(0)
     save_model(AudioVAE(VAE_CFG), VAE_CFG, art / "train_vae" / "model")
+    save_model(Upmixer(TINY_UPMIXER), TINY_UPMIXER, art / "train_stereo" / "model")
+    (art / "train_stereo" / INFO_FILE).write_text(json.dumps({"sample_rate": SR}))
     (art / "encode").mkdir()
     LatentStats(mean=[0.1] * C, std=[1.5] * C, sigma_data=0.5, hop_length=64, sample_rate=SR,
                 frames_per_second=SR / 64, latent_channels=C).save(art / "encode" / LATENT_STATS)
@@ -180,6 +200,7 @@ def tiny_params(**changes) -> Params:
         "mmd_bandwidth": 10.0, "prdc_k": 1,
         "best_of_n": {"runs": ["presto_s/2"], "max_candidates": 2, "latency_budget_ms": 1e7},
         "rho_sweep": {"run": "presto_s/2", "rhos": [1.0, 7.0]},
+        "stereo": {"stft_fft_sizes": [64, 128, 256], "listen_clips": 2},
         "resources": {"cpus": 1, "gpus": 0},
     } | changes
     return Params.model_validate(raw)
@@ -247,15 +268,54 @@ def evaluated(tmp_path_factory):
 def test_every_run_has_every_key(evaluated):
     metrics, _, _ = evaluated
     assert {k: sorted(v) for k, v in metrics.items()} == {"base": ["3"], "presto_s": ["2"], "ase": ["3"],
-                                                           "presto_s_best_of_n": ["2"]}
-    for by_steps in metrics.values():
+                                                           "presto_s_best_of_n": ["2"],
+                                                           "stereo": ["dual_mono", "real", "served", "upmixer"]}
+    runs = {name: by_steps for name, by_steps in metrics.items() if name != "stereo"}
+    upmix_ms = {entry["upmix_ms"] for by_steps in runs.values() for entry in by_steps.values()}
+    assert len(upmix_ms) == 1 and upmix_ms.pop() > 0  # one upmixer, one clip length: one time
+    for by_steps in runs.values():
         for entry in by_steps.values():
             assert set(REQUIRED) <= set(entry)
             assert entry["clap_score"] is None  # the default embedder has no text tower
             for key in REQUIRED[:5] + ("latency_ms", "rtf", "speedup_vs_base"):
                 assert math.isfinite(entry[key]), key
             assert entry["tempo_error"] >= 0 and 0 <= entry["key_accuracy"] <= 1
+            assert entry["latency_stereo_ms"] == pytest.approx(entry["latency_ms"] + entry["upmix_ms"])
     assert _check_metrics("evaluate", metrics) == metrics  # what the runner writes as metrics.json
+
+
+def test_stereo_scores_the_upmixer_beside_dual_mono(evaluated):
+    metrics, _, _ = evaluated
+    stereo = metrics["stereo"]
+    assert stereo["real"]["clips"] == len(STEREO_CLIPS)  # the reference clips with a stereo original
+    for side in ("upmixer", "dual_mono"):
+        assert set(stereo[side]) == set(evaluate.STEREO_KEYS) | {"side_fad"}
+        assert all(math.isfinite(v) for v in stereo[side].values()), side
+    dual = stereo["dual_mono"]
+    assert dual["correlation"] == pytest.approx(1.0) and dual["width"] == 0.0
+    assert dual["width_error"] == pytest.approx(stereo["real"]["width"]) and stereo["real"]["width"] > 0
+    assert dual["correlation_error"] == pytest.approx(1.0 - stereo["real"]["correlation"])
+    assert stereo["upmixer"]["side_fad"] >= 0 and dual["side_fad"] > 0
+    served = stereo["served"]  # the served model's clips upmixed: 2 prompts x 2 seeds, no real twin
+    assert set(served) == {"correlation", "width", "side_fad"} and all(math.isfinite(v) for v in served.values())
+
+
+def test_stereo_needs_the_upmixer_and_long_enough_clips(tmp_path):
+    make_artifacts(tmp_path)
+    test = evaluate.load_test_set(tmp_path, tiny_params().evaluate)
+    upmixer = evaluate.load_upmixer(tmp_path / "artifacts" / "train_stereo", sample_rate=SR)
+    with pytest.raises(ParamsError, match="evaluate.stereo.stft_fft_sizes"):
+        evaluate.check_stereo_params(tiny_params(stereo={"stft_fft_sizes": [16384], "listen_clips": 1}).evaluate, SR)
+    mono_only = dataclasses.replace(test, stereo_ids=[], stereo=test.stereo[:0])
+    scores, upmixed = evaluate.score_stereo(upmixer, None, None, mono_only, tiny_params().evaluate)
+    assert scores["real"]["clips"] == 0 and scores["upmixer"]["side_fad"] is None and upmixed.shape[0] == 0
+    (tmp_path / "artifacts" / "train_stereo" / INFO_FILE).unlink()
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(InputError, match="run the train_stereo stage first"):
+            evaluate.run(context(tmp_path, tiny_params()))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_speed_bookkeeping(evaluated):
@@ -283,8 +343,11 @@ def test_report_and_plots(evaluated):
     html = (ctx.out_dir / evaluate.REPORT).read_text()
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
-    # a row per prompt: the real clip and every column, each with a player
-    assert html.count("<audio") == 2 * (1 + 3 + 1)
+    # a row per prompt: the real clip, every run, the best-of-N run and the served run upmixed, each with a
+    # player; then real stereo, upmixed and mono for each of listen_clips real stereo test clips
+    assert html.count("<audio") == 2 * (1 + 3 + 1 + 1) + 2 * 3
+    assert html.count('class="spec stereo"') == 2 + 2 * 2
+    assert "Stereo: the upmixer against the real stereo test clips" in html
     for plot in get("evaluate").plots:
         records = json.loads((ctx.out_dir / plot.file).read_text())
         assert records and all(isinstance(r, dict) for r in records)
@@ -304,6 +367,7 @@ def test_models_registered_with_one_best(evaluated):
     assert models[chosen]["alias"] == "best" and ctx.tracker.tags["best_model"] == f"presto-{chosen}"
     assert models["ase"]["files"]["model"] == sorted([MODEL_DIR, EDM_FILE, evaluate.SCHEDULE_FILE])
     assert models["base"]["files"]["encode"] == sorted([LATENT_STATS, TEXT_ENCODER])
+    assert models["base"]["files"]["upmixer"] == sorted([INFO_FILE, "model"])
     assert models["presto_s"]["config"]["recipe"]["sampler"] == "consistency"
 
 
@@ -382,5 +446,7 @@ def test_test_set_choice(tmp_path):
     assert test.clip_ids == ["clip-0", "clip-4", "clip-7"]  # spread over the 8 long-enough test clips
     assert all(t.key == "C major" for t in test.targets)  # the caption stating tempo and key was chosen
     assert test.reference.shape == (8, SR) and test.prompt_audio.shape == (3, SR)
+    assert test.stereo_ids == [f"clip-{i}" for i in STEREO_CLIPS] and test.stereo.shape == (len(STEREO_CLIPS), 2, SR)
+    np.testing.assert_allclose(test.stereo[0].mean(axis=0), test.reference[0], atol=1e-4)  # its mono downmix
     with pytest.raises(InputError, match="n_prompts"):
         evaluate.load_test_set(tmp_path, tiny_params(n_prompts=9).evaluate)

@@ -122,15 +122,29 @@ def test_repro_builds_every_stage(project: Path) -> None:
 
 def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
     scores = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    stereo = scores.pop("stereo")
     assert {(name, steps) for name, by_steps in scores.items() for steps in by_steps} == \
         {(name, str(steps)) for name, _, _, steps in EVALUATED} | {("presto_s_best_of_n", "1")}
     for name, by_steps in scores.items():
         for row in by_steps.values():
             assert row["fad"] > 0 and row["latency_ms"] > 0, name
-    assert (project / "artifacts" / "evaluate" / "report.html").stat().st_size > 0
+            assert row["upmix_ms"] > 0 and row["latency_stereo_ms"] == pytest.approx(row["latency_ms"]
+                                                                                     + row["upmix_ms"]), name
+    # The demo corpus is stereo: every reference clip has its stereo original, scored beside dual mono.
+    assert stereo["real"]["clips"] >= 2
+    for side in ("upmixer", "dual_mono"):
+        assert set(stereo[side]) == {"side_stft_distance", "channel_stft_distance", "correlation",
+                                     "correlation_error", "width", "width_error", "side_fad"}
+        assert all(value is not None for value in stereo[side].values()), side
+    assert stereo["dual_mono"]["correlation"] == pytest.approx(1.0) and stereo["dual_mono"]["width"] == 0.0
+    assert stereo["served"]["side_fad"] is not None  # the served model's clips upmixed (3 prompts)
+    report = (project / "artifacts" / "evaluate" / "report.html").read_text()
+    assert "Listen in stereo: real test clips" in report and 'class="spec stereo"' in report
     db = sqlite3.connect(project / ".mlflow" / "mlflow.db")
     registered = {name for (name,) in db.execute("select name from registered_models")}
     assert {f"presto-{name}" for name, _, _, _ in EVALUATED} <= registered
+    evaluate = next(r for r in _runs(project) if r["name"] == "evaluate")
+    assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"]
 
 
 def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:

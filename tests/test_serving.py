@@ -1,5 +1,6 @@
 """Serving: a tiny random bundle logged and registered through MlflowTracker.log_model into a sqlite MLflow
-store, served by `mlflow models serve` from the registry alias, answers real HTTP requests with WAV audio."""
+store, served by `mlflow models serve` from the registry alias, answers real HTTP requests with WAV audio,
+mono or, with the param stereo, upmixed; and the same model in-process, cheaply, for its stereo path."""
 
 from __future__ import annotations
 
@@ -15,20 +16,25 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from mlflow.exceptions import MlflowException
+from test_upmixer import TINY_UPMIXER
 
+from flows.serving import CONFIG_FILE, PrestoModel
 from flows.tracking import MlflowTracker
 from presto.data.latents import LATENT_STATS, TEXT_ENCODER, LatentStats
 from presto.generation import EDM_FILE, MODEL_DIR
 from presto.models.checkpoint import save_model
 from presto.models.dit import DiT, DiTConfig
+from presto.models.upmixer import INFO_FILE, Upmixer
 from presto.models.vae import AudioVAE, VAEConfig
 from stages.evaluate import BEST_ALIAS, bundle
-
-pytestmark = pytest.mark.integration
 
 SR, C = 8000, 4
 VAE_CFG = VAEConfig(channels=4, channel_multipliers=[1, 2, 2], strides=[4, 4, 4], latent_channels=C, dilations=[1],
@@ -39,7 +45,7 @@ SERVER_START_S = 240  # importing torch, MLflow and the text encoder in a fresh 
 
 
 def make_project(root: Path) -> None:
-    """What train_dit, train_vae and encode leave behind, at toy size with random weights."""
+    """What train_dit, train_vae, train_stereo and encode leave behind, at toy size with random weights."""
     art = root / "artifacts"
     torch.manual_seed(0)
     dit = DiT(DiTConfig(latent_channels=C, width=32, depth=2, heads=2, mlp_ratio=2.0, text_dim=384,
@@ -47,6 +53,8 @@ def make_project(root: Path) -> None:
     save_model(dit, dit.cfg, art / "train_dit" / MODEL_DIR)
     (art / "train_dit" / EDM_FILE).write_text(json.dumps({"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}))
     save_model(AudioVAE(VAE_CFG), VAE_CFG, art / "train_vae" / "model")
+    save_model(Upmixer(TINY_UPMIXER), TINY_UPMIXER, art / "train_stereo" / "model")
+    (art / "train_stereo" / INFO_FILE).write_text(json.dumps({"sample_rate": SR}))
     (art / "encode").mkdir()
     LatentStats(mean=[0.0] * C, std=[1.0] * C, sigma_data=0.5, hop_length=64, sample_rate=SR,
                 frames_per_second=SR / 64, latent_channels=C).save(art / "encode" / LATENT_STATS)
@@ -82,6 +90,34 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the model server did not answer /ping within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
+def wav(answer: dict) -> np.ndarray:
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(answer["audio_wav_base64"])), dtype="float32")
+    assert rate == answer["sample_rate"] == SR
+    return audio
+
+
+def test_stereo_requests_in_process(tmp_path: Path):
+    """The pyfunc model on the bundle evaluate registers, without MLflow's server: the param stereo gives
+    2-channel WAVs whose downmix is the mono answer to the same row."""
+    make_project(tmp_path)
+    config = tmp_path / CONFIG_FILE
+    config.write_text(json.dumps({"recipe": RECIPE, "seconds": 0.5, "run": "base/2"}))
+    model = PrestoModel()
+    rows = pd.DataFrame([{"prompt": "calm organ chorale", "seconds": 0.25, "seed": 3, "steps": 1}])
+    with bundle(tmp_path, "train_dit") as files:
+        model.load_context(SimpleNamespace(artifacts={"config": str(config)} | {k: str(v) for k, v in files.items()}))
+    mono = model.predict(None, rows).iloc[0]
+    stereo = model.predict(None, rows, params={"stereo": True}).iloc[0]
+    assert mono["channels"] == 1 and stereo["channels"] == 2 and stereo["seconds"] == mono["seconds"] == 0.25
+    one, two = wav(mono), wav(stereo)
+    assert one.ndim == 1 and two.shape == (len(one), 2)
+    np.testing.assert_allclose(two.mean(axis=1), one, atol=2 / 32768)  # 16-bit: the downmix is the mono clip
+    assert np.abs(two[:, 0] - two[:, 1]).max() > 0
+    with pytest.raises(MlflowException, match="param stereo must be true or false"):
+        model.predict(None, rows, params={"stereo": "yes"})
+
+
+@pytest.mark.integration
 def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from mlflow.tracking import MlflowClient
 
@@ -119,10 +155,18 @@ def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytes
         assert status == 200, body
         first, second = body["predictions"]
         for answer, seconds in ((first, 0.25), (second, 0.5)):
-            audio, rate = sf.read(io.BytesIO(base64.b64decode(answer["audio_wav_base64"])), dtype="float32")
-            assert rate == answer["sample_rate"] == SR
-            assert audio.ndim == 1 and len(audio) == round(seconds * SR)
+            audio = wav(answer)
+            assert audio.ndim == 1 and len(audio) == round(seconds * SR) and answer["channels"] == 1
         assert first["nfe"] == 2 and second["nfe"] == 4  # CFG++: two evaluations per step
+
+        status, body = post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [
+            {"prompt": "calm organ chorale at 80 bpm", "seconds": 0.25, "seed": 3, "steps": 1}],
+            "params": {"stereo": True}})  # the first row again, in stereo
+        assert status == 200, body
+        (answer,) = body["predictions"]
+        stereo, mono = wav(answer), wav(first)
+        assert answer["channels"] == 2 and stereo.shape == (len(mono), 2)
+        np.testing.assert_allclose(stereo.mean(axis=1), mono, atol=2 / 32768)  # the downmix is the mono clip
 
         status, body = post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"prompt": " "}]})
         assert status == 400 and "prompt" in json.dumps(body)

@@ -1,5 +1,6 @@
 """The mono-to-stereo upmixer: the downmix is the input, shapes, the training step's generator/discriminator
-split, learning a panned mix well beyond dual mono, the stereo metrics, and loading for generation."""
+split, learning a panned mix well beyond dual mono (presto/eval/stereo.py's metrics; their analytic cases are in
+test_stereo_metrics.py), and loading for generation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from presto.errors import InputError
+from presto.eval.stereo import stereo_comparison
 from presto.models.checkpoint import save_model
 from presto.models.discriminators import MultiScaleSTFTDiscriminator, STFTDiscriminatorConfig
 from presto.models.upmixer import (
@@ -23,14 +25,7 @@ from presto.models.upmixer import (
     split_mid_side,
     upmix,
 )
-from presto.training.upmix_trainer import (
-    UpmixLossWeights,
-    UpmixTrainer,
-    channel_correlation,
-    stereo_comparison,
-    stereo_metrics,
-    stereo_width,
-)
+from presto.training.upmix_trainer import UpmixLossWeights, UpmixTrainer, upmix_batched
 
 SR = 16000
 TINY_UPMIXER = UpmixerConfig(channels=4, channel_multipliers=[2, 4], strides=[4, 4], dilations=[1, 3],
@@ -141,42 +136,13 @@ def test_learns_a_panned_mix_far_beyond_dual_mono():
     train = panned(8, 2048, seed=1)
     for _ in range(120):
         t.train_step(train)
-    scores = stereo_comparison(t.upmixer, panned(4, 2048, seed=2), batch=4, fft_sizes=FFT_SIZES)
+    real = panned(4, 2048, seed=2)
+    scores = stereo_comparison(upmix_batched(t.upmixer, split_mid_side(real)[0], 4), real, FFT_SIZES)
     # Measured 0.30 (the log-magnitude term keeps it from 0: the real side of two pure tones is ~silent
     # between them, and any leakage there costs ln of the magnitude floor); width and correlation ~0.1.
     assert scores["upmix_side_stft_distance"] < 0.4 * scores["dual_mono_side_stft_distance"]
     assert scores["upmix_width_error"] < 0.3 * scores["dual_mono_width_error"]
     assert scores["upmix_correlation_error"] < 0.3 * scores["dual_mono_correlation_error"]
-
-
-# --- metrics -----------------------------------------------------------------------------------------------
-
-def test_correlation_and_width_of_known_signals():
-    x = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))
-    y = torch.randn(1, 4000, generator=torch.Generator().manual_seed(1))
-    dual_mono = torch.stack([x, x], 1)
-    assert channel_correlation(dual_mono).item() == pytest.approx(1.0)
-    assert stereo_width(dual_mono).item() == 0.0
-    opposite = torch.stack([x, -x], 1)  # all side, no mid: width is huge, not a division by zero
-    assert channel_correlation(opposite).item() == pytest.approx(-1.0)
-    assert math.isfinite(stereo_width(opposite).item())
-    independent = torch.stack([x, y], 1)
-    assert abs(channel_correlation(independent).item()) < 0.1
-    assert stereo_width(independent).item() == pytest.approx(1.0, abs=0.1)
-
-
-def test_metrics_of_the_real_stereo_itself_are_perfect():
-    real = panned(2, 2048)
-    scores = stereo_metrics(real, real, FFT_SIZES)
-    assert scores["side_stft_distance"] == pytest.approx(0.0, abs=1e-6)
-    assert scores["correlation_error"] == scores["width_error"] == 0.0
-
-
-def test_comparison_reports_dual_mono_and_the_real_clips():
-    scores = stereo_comparison(Upmixer(TINY_UPMIXER), panned(2, 2048), batch=1, fft_sizes=FFT_SIZES)
-    assert scores["dual_mono_correlation"] == pytest.approx(1.0) and scores["dual_mono_width"] == 0.0
-    assert scores["dual_mono_width_error"] == pytest.approx(scores["real_width"])
-    assert all(math.isfinite(v) for v in scores.values())
 
 
 # --- loading and upmixing for generation -------------------------------------------------------------------

@@ -10,13 +10,19 @@ import torchaudio
 
 
 def log_mel_db(audio: np.ndarray, sample_rate: int, n_mels: int = 80, top_db: float = 80.0) -> np.ndarray:
-    """[n_mels, frames] power mel spectrogram in dB relative to its peak, floored at -top_db."""
+    """Power mel spectrogram in dB relative to its peak, floored at -top_db: [n_mels, frames] of mono audio
+    [samples]; [channels, n_mels, frames] of [channels, samples], relative to one peak over all channels (so
+    the channels' levels compare)."""
     n_fft = 1 << int(np.ceil(np.log2(sample_rate * 0.046)))  # ~46 ms windows at any rate
     mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=n_fft // 4, n_mels=n_mels,
                                                f_min=20.0, f_max=sample_rate / 2)
-    power = mel(torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(1, -1))[0].numpy()
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim not in (1, 2):
+        raise ValueError(f"audio must be [samples] or [channels, samples], got shape {audio.shape}")
+    power = mel(torch.as_tensor(np.atleast_2d(audio))).numpy()
     db = 10.0 * np.log10(np.maximum(power, 1e-10))
-    return np.maximum(db - db.max(), -top_db)
+    db = np.maximum(db - db.max(), -top_db)
+    return db[0] if audio.ndim == 1 else db
 
 
 def save_spectrograms(items: list[tuple[str, np.ndarray]], sample_rate: int, path: str | Path) -> Path:

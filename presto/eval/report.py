@@ -4,6 +4,9 @@ The page is self-contained and works offline: inline CSS, no scripts, audio (Ogg
 where libsndfile lacks Vorbis) and pictures (PNG) embedded as base64 data: URIs, so it can be mailed,
 opened from MLflow's artifact view or from disk. Every piece of text that reaches the page goes through
 html.escape: prompts come from captions, and captions from metadata, which may hold anything.
+
+A clip is mono [samples] or stereo [2, samples] (left, right): a stereo clip plays in stereo, and its
+spectrogram shows the left channel above the right on one scale, so panning shows as a brightness difference.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ def _data_uri(mime: str, payload: bytes) -> str:
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int) -> tuple[str, bytes]:
-    """(MIME type, bytes) of a mono clip: Ogg Vorbis (~15x smaller than WAV), 16-bit WAV if that fails."""
-    clip = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    """(MIME type, bytes) of a clip [samples] or [2, samples]: Ogg Vorbis (~15x smaller than WAV), 16-bit WAV
+    if that fails."""
+    clip = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0).T  # soundfile wants [samples, channels]
     buf = io.BytesIO()
     try:
         sf.write(buf, clip, sample_rate, format="OGG", subtype="VORBIS")
@@ -46,11 +50,15 @@ def audio_data_uri(audio: np.ndarray, sample_rate: int) -> str:
 
 def spectrogram_png(audio: np.ndarray, sample_rate: int) -> bytes:
     """A log-mel spectrogram (dB below the clip's peak, -80..0, low frequencies at the bottom) as a PNG with
-    one pixel per frame and mel band: no axes, made for a thumbnail beside an audio player."""
+    one pixel per frame and mel band: no axes, made for a thumbnail beside an audio player. Of a stereo clip,
+    the left channel's above the right's."""
     from matplotlib import image
 
     buf = io.BytesIO()
     db = log_mel_db(np.asarray(audio, dtype=np.float32), sample_rate, n_mels=SPECTROGRAM_MELS)
+    if db.ndim == 3:
+        left, right = db
+        db = np.concatenate([right, left])  # origin="lower": the first rows are drawn at the bottom
     image.imsave(buf, db, cmap="magma", vmin=-80.0, vmax=0.0, origin="lower", format="png")
     return buf.getvalue()
 
@@ -88,13 +96,34 @@ def line_plot(series: Mapping[str, Sequence[tuple[float, float, str]]], *, x_lab
 
 
 @dataclass(frozen=True)
-class PromptRow:
-    """One prompt of the listening grid: its text, a line of details (reference clip, asked tempo/key), and a
-    clip per column (a column without one stays empty)."""
+class Table:
+    """Numbers under a heading: a row per mapping, a column per key in `columns` (a missing value shows as a
+    dash)."""
 
-    prompt: str
+    heading: str
+    columns: Sequence[str]
+    rows: Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ListenRow:
+    """One row of a listening grid: its label (a prompt, a clip id), a line of details, and a clip per column
+    (a column without one stays empty)."""
+
+    label: str
     details: str
     clips: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ListenGrid:
+    """Clips to listen to side by side under a heading and a note; `first` heads the column of row labels."""
+
+    heading: str
+    note: str
+    first: str
+    columns: Sequence[str]
+    rows: Sequence[ListenRow]
 
 
 def _format(value: Any) -> str:
@@ -114,9 +143,24 @@ def _table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
 def _cell(audio: np.ndarray | None, sample_rate: int, label: str) -> str:
     if audio is None:
         return "<td></td>"
-    alt = html.escape(f"log-mel spectrogram of {label}")
-    return (f'<td><img class="spec" alt="{alt}" src="{_data_uri("image/png", spectrogram_png(audio, sample_rate))}">'
+    stereo = np.ndim(audio) == 2
+    alt = html.escape(f"log-mel spectrogram of {label}" + (", left channel above right" if stereo else ""))
+    png = _data_uri("image/png", spectrogram_png(audio, sample_rate))
+    return (f'<td><img class="spec{" stereo" if stereo else ""}" alt="{alt}" src="{png}">'
             f'<audio controls preload="none" src="{audio_data_uri(audio, sample_rate)}"></audio></td>')
+
+
+def _grid(grid: ListenGrid, sample_rate: int) -> str:
+    head = f"<th>{html.escape(grid.first)}</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in grid.columns)
+    rows = []
+    for row in grid.rows:
+        cells = "".join(_cell(row.clips.get(c), sample_rate, c) for c in grid.columns)
+        rows.append(f'<tr><td class="prompt">{html.escape(row.label)}'
+                    f'<div class="details">{html.escape(row.details)}</div></td>{cells}</tr>')
+    note = f'<p class="note">{html.escape(grid.note)}</p>' if grid.note else ""
+    return (f"<h2>{html.escape(grid.heading)}</h2>{note}"
+            f'<div class="scroll"><table class="listen"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 STYLE = """
@@ -132,34 +176,27 @@ div.scroll { overflow-x: auto; }
 td.prompt { min-width: 16em; max-width: 22em; }
 div.details { color: #666; font-size: 0.85em; margin-top: 0.3em; }
 img.spec { display: block; width: 240px; height: 80px; image-rendering: pixelated; }
+img.spec.stereo { height: 120px; }
 audio { width: 240px; height: 32px; }
 figure { display: inline-block; margin: 0 1em 1em 0; }
 figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def render_report(*, title: str, notes: Sequence[str], table_columns: Sequence[str],
-                  table_rows: Sequence[Mapping[str, Any]], plots: Sequence[tuple[str, bytes]],
-                  columns: Sequence[str], prompts: Sequence[PromptRow], sample_rate: int) -> str:
-    """The whole page: notes, the metric table, the plots (PNG), then a row per prompt with one clip and its
-    spectrogram per column."""
+def render_report(*, title: str, notes: Sequence[str], tables: Sequence[Table], plots: Sequence[tuple[str, bytes]],
+                  grids: Sequence[ListenGrid], sample_rate: int) -> str:
+    """The whole page: notes, the tables, the plots (PNG), then the listening grids, each a row per label with
+    one clip and its spectrogram per column."""
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
-    parts.append("<h2>Metrics</h2>")
-    parts.append(f'<div class="scroll">{_table(table_columns, table_rows)}</div>')
+    for table in tables:
+        parts.append(f"<h2>{html.escape(table.heading)}</h2>")
+        parts.append(f'<div class="scroll">{_table(table.columns, table.rows)}</div>')
     if plots:
         parts.append("<h2>Plots</h2>")
         parts += [f'<figure><img alt="{html.escape(caption)}" src="{_data_uri("image/png", png)}">'
                   f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in plots]
-    parts.append("<h2>Listen</h2>")
-    head = "<th>prompt</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    rows = []
-    for row in prompts:
-        cells = "".join(_cell(row.clips.get(c), sample_rate, c) for c in columns)
-        rows.append(f'<tr><td class="prompt">{html.escape(row.prompt)}'
-                    f'<div class="details">{html.escape(row.details)}</div></td>{cells}</tr>')
-    parts.append(f'<div class="scroll"><table class="listen"><thead><tr>{head}</tr></thead>'
-                  f'<tbody>{"".join(rows)}</tbody></table></div>')
+    parts += [_grid(grid, sample_rate) for grid in grids]
     parts.append("</body></html>\n")
     return "\n".join(parts)

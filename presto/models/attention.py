@@ -6,14 +6,20 @@ key (no causal mask: a denoiser sees the whole clip).
 
 Kernel choice: on CUDA in fp16/bf16 with flash-attn installed, FlashAttention-2 (the paper's kernel):
 the dense kernel without a mask, the varlen kernel with one (padded keys are dropped, not masked).
-Everywhere else torch's scaled_dot_product_attention, which runs its own flash kernel on CUDA in bf16 when
-there is no mask and a memory-efficient kernel when there is, and a plain float32 kernel on CPU.
+Everywhere else torch's scaled_dot_product_attention. On CUDA its kernels are tried in the order
+SDPA_PRIORITY, first usable wins: its own FlashAttention-2 (bf16/fp16, no mask: the self-attention), the
+memory-efficient kernel (takes the key mask: the cross-attention), cuDNN, then the unfused math kernel.
+Torch's built-in order has moved between releases (2.9's tries math before cuDNN), so it is fixed here.
+On a CPU, torch picks its own fused kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -21,6 +27,8 @@ except ImportError:  # flash-attn is an optional GPU extra; SDPA covers every ca
     flash_attn_func = flash_attn_varlen_func = None
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+SDPA_PRIORITY = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH]
 
 
 def flash_usable(q: torch.Tensor) -> bool:
@@ -40,8 +48,14 @@ def attention(
                              f"got {key_mask.dtype} {list(key_mask.shape)}")
     if flash_usable(q):
         return _flash_attention(q, k, v, key_mask)
+    return _sdpa_attention(q, k, v, key_mask)
+
+
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    kernels = sdpa_kernel(SDPA_PRIORITY, set_priority=True) if q.is_cuda else contextlib.nullcontext()
+    with kernels:  # SDPA's layout is [B, H, T, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from presto.config import PositiveInt, Section
 from presto.errors import InputError
+from presto.fast_path import CompileChoice, compile_for_inference, wants_compile
 from presto.models.checkpoint import load_model
 from presto.models.vae import DecoderBlock, EncoderBlock, ResidualUnit, Snake, _conv
 
@@ -105,9 +106,11 @@ def split_mid_side(stereo: Tensor) -> tuple[Tensor, Tensor]:
     return (left + right) / 2, (left - right) / 2
 
 
-def load_upmixer(folder: str | Path, *, sample_rate: int, device: torch.device | str = "cpu") -> Upmixer:
-    """The upmixer a train_stereo run wrote into `folder` (its MODEL_DIR and INFO_FILE), in eval mode;
-    refuses one trained at another rate than `sample_rate` (its side signal would be pitched wrong)."""
+def load_upmixer(folder: str | Path, *, sample_rate: int, device: torch.device | str = "cpu",
+                 compile: CompileChoice = "off") -> Upmixer:
+    """The upmixer a train_stereo run wrote into `folder` (its MODEL_DIR and INFO_FILE), in eval mode and
+    compiled if `compile` says so (presto.fast_path: auto, on, off); refuses one trained at another rate than
+    `sample_rate` (its side signal would be pitched wrong)."""
     folder = Path(folder)
     info_path = folder / INFO_FILE
     if not info_path.is_file():
@@ -118,6 +121,8 @@ def load_upmixer(folder: str | Path, *, sample_rate: int, device: torch.device |
     model, _ = load_model(folder / MODEL_DIR, device=device)
     if not isinstance(model, Upmixer):
         raise InputError(f"{folder / MODEL_DIR}: holds a {type(model).__name__}, not an Upmixer")
+    if wants_compile(compile, torch.device(device)):
+        compile_for_inference(model)
     return model.eval()
 
 

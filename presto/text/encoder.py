@@ -8,8 +8,9 @@ reaches a model hub: loading is local-files-only.
 from __future__ import annotations
 
 import unicodedata
+from collections import OrderedDict
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -18,6 +19,9 @@ from presto.errors import InputError
 from presto.text.condition import TextCondition
 
 MAX_PROMPT_CHARS = 2000
+# Prompts whose embeddings a Generator keeps: ~30 KB each for MiniLM at 20 tokens, at most 128 x 400 KB at its
+# 256-token limit.
+TEXT_CACHE_PROMPTS = 128
 
 
 class TextEncoderConfig(Section):
@@ -118,6 +122,48 @@ class T5Encoder:
         tokens = states * mask[..., None]
         pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return TextCondition(tokens.cpu(), mask.cpu(), pooled.cpu())
+
+
+class TextEncoder(Protocol):
+    dim: int
+
+    def encode(self, texts: list[str]) -> TextCondition: ...
+
+
+class CachedTextEncoder:
+    """A text encoder that remembers the embeddings of its last `capacity` prompts (least recently used out),
+    keyed by the prompt string: a repeated prompt skips the encoder.
+
+    Each prompt is kept trimmed to its real tokens and a batch is padded again (as `_pad` does), so a batch
+    of cached and fresh prompts gives what the encoder gives for that batch: every encoder here pads after
+    the real tokens and encodes each text independently of its batch mates.
+    """
+
+    def __init__(self, encoder: TextEncoder, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity = {capacity}: the cache must hold at least one prompt")
+        self.encoder, self.capacity, self.dim = encoder, capacity, encoder.dim
+        self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # tokens [L, D], pooled [D]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def encode(self, texts: list[str]) -> TextCondition:
+        fresh = list(dict.fromkeys(t for t in texts if t not in self._entries))
+        if fresh:
+            cond = self.encoder.encode(fresh)
+            for i, text in enumerate(fresh):
+                self._entries[text] = (cond.tokens[i, cond.mask[i]].clone(), cond.pooled[i].clone())
+        entries = [self._entries[t] for t in texts]
+        for text in texts:
+            self._entries.move_to_end(text)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        tokens, mask = _pad([states for states, _ in entries])
+        return TextCondition(tokens, mask, torch.stack([pooled for _, pooled in entries]))
 
 
 def load_text_encoder(cfg: TextEncoderConfig, device: str = "cpu") -> MiniLMEncoder | T5Encoder:

@@ -12,7 +12,7 @@ The discriminator judges side signals: the mid is given exactly, so the side is 
 generator reads D with D's parameters frozen; D reads the prediction detached, so its backward never reaches
 the upmixer. Both steps clip their gradient norm at `grad_clip`.
 
-Also here: the stereo metrics of upmixed against real stereo, and the dual-mono baseline (side = 0).
+The stereo metrics (upmix against real stereo, beside dual mono) are presto/eval/stereo.py's.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from presto.models.audio_losses import multi_resolution_stft_loss
 from presto.models.discriminators import MultiScaleSTFTDiscriminator
 from presto.models.upmixer import Upmixer, join_mid_side, split_mid_side
 from presto.training.adversarial import discriminator_update, generator_adversarial_terms
-
-# Keeps correlation and width finite on a silent clip (energies are means of squares of audio in [-1, 1]).
-ENERGY_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -111,45 +108,3 @@ def upmix_batched(upmixer: Upmixer, mono: Tensor, batch: int) -> Tensor:
     upmixer.eval()
     return torch.cat([upmixer.stereo(mono[i:i + batch]) for i in range(0, len(mono), batch)])
 
-
-def channel_correlation(stereo: Tensor) -> Tensor:
-    """Per clip [B]: the zero-lag inter-channel correlation <L, R> / (|L| |R|); 1 for dual mono."""
-    left, right = stereo[:, 0], stereo[:, 1]
-    energy = (left.pow(2).sum(-1) * right.pow(2).sum(-1)).clamp_min(ENERGY_FLOOR)
-    return (left * right).sum(-1) / energy.sqrt()
-
-
-def stereo_width(stereo: Tensor) -> Tensor:
-    """Per clip [B]: side/mid energy ratio E[S^2] / E[M^2]; 0 for dual mono, 1 for uncorrelated equal channels."""
-    mid, side = split_mid_side(stereo)
-    return side.pow(2).mean((1, 2)) / mid.pow(2).mean((1, 2)).clamp_min(ENERGY_FLOOR)
-
-
-@torch.no_grad()
-def stereo_metrics(pred: Tensor, real: Tensor, fft_sizes: Sequence[int]) -> dict[str, float]:
-    """Upmixed `pred` against `real` stereo [B, 2, N] (same mid): side_stft_distance (MR-STFT distance of the
-    side signals), channel_stft_distance (of L and R, averaged), correlation and width (clip means) and their
-    mean absolute errors against the real clips'."""
-    side_pred, side_real = split_mid_side(pred)[1], split_mid_side(real)[1]
-    channels = [multi_resolution_stft_loss(pred[:, c:c + 1], real[:, c:c + 1], fft_sizes) for c in (0, 1)]
-    corr_pred, corr_real = channel_correlation(pred), channel_correlation(real)
-    width_pred, width_real = stereo_width(pred), stereo_width(real)
-    return {
-        "side_stft_distance": multi_resolution_stft_loss(side_pred, side_real, fft_sizes).item(),
-        "channel_stft_distance": (sum(channels) / 2).item(),
-        "correlation": corr_pred.mean().item(),
-        "correlation_error": (corr_pred - corr_real).abs().mean().item(),
-        "width": width_pred.mean().item(),
-        "width_error": (width_pred - width_real).abs().mean().item(),
-    }
-
-
-def stereo_comparison(upmixer: Upmixer, real: Tensor, *, batch: int, fft_sizes: Sequence[int]) -> dict[str, float]:
-    """stereo_metrics of the upmixer (keys `upmix_*`) and of dual mono (keys `dual_mono_*`) against real
-    stereo [B, 2, N], both from its downmix; plus the real clips' own correlation and width (`real_*`)."""
-    mid = split_mid_side(real)[0]
-    ours = stereo_metrics(upmix_batched(upmixer, mid, batch), real, fft_sizes)
-    dual = stereo_metrics(join_mid_side(mid, torch.zeros_like(mid)), real, fft_sizes)
-    return {**{f"upmix_{k}": v for k, v in ours.items()}, **{f"dual_mono_{k}": v for k, v in dual.items()},
-            "real_correlation": channel_correlation(real).mean().item(),
-            "real_width": stereo_width(real).mean().item()}
