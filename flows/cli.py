@@ -119,7 +119,8 @@ def ui(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000) -> N
 def generate(
     prompt: Annotated[str, typer.Argument(help="what the music should be, e.g. 'calm piano --bpm 80'")],
     output: Annotated[Path, typer.Option("-o", "--output", help="wav file to write")] = Path("out.wav"),
-    model: Annotated[str, typer.Option(help="the stage whose model to use (its artifacts/<stage> folder)")]
+    model: Annotated[str, typer.Option(help="a stage whose model to use (its artifacts/<stage> folder), or a "
+                                            "registered model: presto-<name>[@alias | /version] or a models:/ URI")]
     = "train_dit",
     steps: Annotated[int | None, typer.Option(help="sampling steps")] = None,
     seconds: Annotated[float | None, typer.Option(help="length of the clip")] = None,
@@ -148,32 +149,64 @@ def generate(
     for note in notes:
         typer.echo(f"note: {note}", err=True)
     changes = {k: v for k, v in {"steps": steps, "sampler": sampler, "scale": guidance}.items() if v is not None}
-    try:
-        recipe = type(params.recipe).model_validate(params.recipe.model_dump() | changes)
-    except ValidationError as err:
-        _fail(f"generate: {err.errors()[0]['msg']}")
+
+    import tempfile
 
     import soundfile as sf
 
-    from presto.generation import Generator, resolve_device
+    from presto.generation import resolve_device
 
-    try:
-        dev = resolve_device(device or params.device)
-        generator = Generator.load(root / "artifacts" / model, vae_dir=root / "artifacts" / "train_vae" / "model",
-                                   encode_dir=root / "artifacts" / "encode", device=dev, compile=params.compile)
-        if stereo:
-            from presto.stereo import StereoGenerator
+    with tempfile.TemporaryDirectory(prefix="presto-registered-") as tmp:  # a registered model's download
+        try:
+            dev = resolve_device(device or params.device)
+            generator, recipe, default_seconds, upmixer_dir = _load_model(root, model, params, dev, Path(tmp))
+            try:
+                recipe = type(recipe).model_validate(recipe.model_dump() | changes)
+            except ValidationError as err:
+                _fail(f"generate: {err.errors()[0]['msg']}")
+            if stereo:
+                from presto.stereo import StereoGenerator
 
-            # Loaded before sampling, so a missing or mismatched upmixer fails before the slow part.
-            generator = StereoGenerator(generator, root / "artifacts" / "train_stereo")
-        audio, timings = generator.generate([prompt], seconds or params.seconds, [seed], recipe)
-    except PrestoError as err:
-        _fail(str(err))
+                if upmixer_dir is None:
+                    _fail(f"generate --stereo: {model} was registered without an upmixer")
+                # Loaded before sampling, so a missing or mismatched upmixer fails before the slow part.
+                generator = StereoGenerator(generator, upmixer_dir)
+            audio, timings = generator.generate([prompt], seconds or default_seconds, [seed], recipe)
+        except PrestoError as err:
+            _fail(str(err))
     sf.write(output, audio[0].T, generator.sample_rate)  # [samples] or [samples, 2]
     typer.echo(f"wrote {output} ({audio.shape[-1] / generator.sample_rate:.1f} s{', stereo' if stereo else ''}) on "
                f"{dev} in {timings['total_ms'] / 1e3:.2f} s: text {timings['text_ms']:.0f} ms, sampling "
                f"{timings['sample_ms']:.0f} ms ({recipe.sampler}, {recipe.steps} steps, NFE {timings['nfe']:.0f}), "
                f"decode {timings['decode_ms']:.0f} ms" + (f", upmix {timings['upmix_ms']:.0f} ms" if stereo else ""))
+
+
+def _load_model(root: Path, model: str, params, device, scratch: Path):
+    """(Generator, default recipe, default seconds, upmixer folder or None) of `presto generate --model`.
+
+    A stage's model samples by the recipe its stage wrote (presto_s.json, presto_ls.json: the few-step
+    sampler it was distilled for), else by params' generate.recipe; a registered model by the settings it was
+    registered with."""
+    from presto.generation import SCHEDULE_FILE, Generator, SamplingRecipe
+    from stages.specs import BY_NAME
+
+    if model in BY_NAME:
+        folder = root / "artifacts" / model
+        generator = Generator.load(folder, vae_dir=root / "artifacts" / "train_vae" / "model",
+                                   encode_dir=root / "artifacts" / "encode", device=device, compile=params.compile)
+        recipe = params.recipe
+        own = folder / f"{model}.json"
+        if own.is_file():  # its layer budgets come from schedule.json (Generator.load), not from the recipe
+            recipe = SamplingRecipe.model_validate_json(own.read_text())
+            if (folder / SCHEDULE_FILE).is_file():
+                recipe = recipe.model_copy(update={"budgets": None})
+        return generator, recipe, params.seconds, root / "artifacts" / "train_stereo"
+    from flows.serving import download_registered, load_bundle
+
+    uri = model if model.startswith("models:/") else f"models:/{model}"
+    artifacts = download_registered(uri, scratch)
+    generator, recipe, seconds = load_bundle(artifacts, device, params.compile)
+    return generator, recipe, seconds, artifacts.get("upmixer")
 
 
 def main() -> None:

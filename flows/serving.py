@@ -115,21 +115,44 @@ def stereo_requested(params: dict[str, Any] | None) -> bool:
     return stereo
 
 
+def load_bundle(artifacts: dict[str, str], device: Any, compile: str = "off") -> tuple[Any, Any, float]:
+    """(Generator, default SamplingRecipe, default seconds) of a bundle's local folders (ARTIFACTS + config)."""
+    from presto.generation import Generator, SamplingRecipe
+
+    generator = Generator.load(artifacts["model"], vae_dir=artifacts["vae"], encode_dir=artifacts["encode"],
+                               device=device, compile=compile)
+    config = json.loads(Path(artifacts["config"]).read_text())
+    return generator, SamplingRecipe.model_validate(config["recipe"]), float(config["seconds"])
+
+
+def download_registered(uri: str, dst: Path) -> dict[str, str]:
+    """The local folders of a registered bundle (`models:/presto-<name>@alias`, `models:/<name>/<version>`),
+    downloaded into `dst`: {artifact name: path}, as `load_context` gets them."""
+    import mlflow
+    from mlflow.models import Model
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as err:
+        raise InputError(f"{uri}: not in the model registry at {mlflow.get_tracking_uri()} ({err.message})") from None
+    flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+    found = {name: str(local / spec["path"]) for name, spec in flavor.get("artifacts", {}).items()}
+    missing = set(ARTIFACTS) - {"upmixer"} - set(found) | ({"config"} - set(found))
+    if missing:
+        raise InputError(f"{uri}: not a presto bundle (no {', '.join(sorted(missing))} artifacts)")
+    return found
+
+
 class PrestoModel(PythonModel):
     """presto.generation.Generator behind MLflow's pyfunc interface: a row per prompt in, a WAV per row out; a
     request with the param `stereo` goes through presto.stereo.StereoGenerator."""
 
     def load_context(self, context: Any) -> None:
-        from presto.generation import Generator, SamplingRecipe, resolve_device
+        from presto.generation import resolve_device
         from presto.stereo import StereoGenerator
 
-        art = context.artifacts
-        self.generator = Generator.load(art["model"], vae_dir=art["vae"], encode_dir=art["encode"],
-                                        device=resolve_device("auto"))
-        self.stereo_generator = StereoGenerator(self.generator, art["upmixer"])
-        config = json.loads(Path(art["config"]).read_text())
-        self.recipe = SamplingRecipe.model_validate(config["recipe"])
-        self.seconds = float(config["seconds"])
+        self.generator, self.recipe, self.seconds = load_bundle(context.artifacts, resolve_device("auto"))
+        self.stereo_generator = StereoGenerator(self.generator, context.artifacts["upmixer"])
 
     # model_input has no annotation: MLflow reads one as a request schema of its own (SIGNATURE is it).
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:

@@ -149,9 +149,13 @@ class MlflowTracker:
         from flows import serving
 
         registered = f"presto-{name}"
-        # Model.log has no tracking-URI argument: set the process-wide one for the call, then put it back.
-        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        client = self._client()
+        # Model.log takes neither a tracking URI nor an experiment: set the process-wide ones for the call, then
+        # put them back. Without the experiment, MLflow 3 files the model under experiment 0, whose artifact
+        # folder is ./mlruns relative to the working directory, not the project's store.
+        saved_uri, saved_experiment = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_EXPERIMENT_ID")
         mlflow.set_tracking_uri(self.tracking_uri)
+        os.environ["MLFLOW_EXPERIMENT_ID"] = client.get_run(self.run_id).info.experiment_id
         # The settings travel as a file: Model.log would copy a model_config into the run's params.
         with tempfile.TemporaryDirectory() as tmp:
             settings = Path(tmp) / serving.CONFIG_FILE
@@ -162,8 +166,12 @@ class MlflowTracker:
                                  signature=serving.SIGNATURE, pip_requirements=serving.requirements(),
                                  run_id=self.run_id, registered_model_name=registered)
             finally:
-                mlflow.set_tracking_uri(saved)  # None unsets it again
-        client, version = self._client(), str(info.registered_model_version)
+                mlflow.set_tracking_uri(saved_uri)  # None unsets it again
+                if saved_experiment is None:
+                    del os.environ["MLFLOW_EXPERIMENT_ID"]
+                else:
+                    os.environ["MLFLOW_EXPERIMENT_ID"] = saved_experiment
+        version = str(info.registered_model_version)
         for key, value in config.items():
             if isinstance(value, (str, int, float)):
                 client.set_model_version_tag(registered, version, f"presto.{key}", str(value))

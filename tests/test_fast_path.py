@@ -34,12 +34,7 @@ BACKEND = "aot_eager"
 UPMIXER_CFG = UpmixerConfig(channels=4, channel_multipliers=[2], strides=[4], dilations=[1], kernel_size=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 @pytest.fixture

@@ -26,12 +26,7 @@ VAE_CFG = VAEConfig(channels=4, channel_multipliers=[1, 2], strides=[4, 4], late
                     kernel_size=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 class HashEncoder:

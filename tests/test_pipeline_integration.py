@@ -142,6 +142,7 @@ def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
     assert "Listen in stereo: real test clips" in report and 'class="spec stereo"' in report
     db = sqlite3.connect(project / ".mlflow" / "mlflow.db")
     registered = {name for (name,) in db.execute("select name from registered_models")}
+    assert not (project / "mlruns").exists()  # the registered models' files are in the store, not the cwd
     assert {f"presto-{name}" for name, _, _, _ in EVALUATED} <= registered
     evaluate = next(r for r in _runs(project) if r["name"] == "evaluate")
     assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"]

@@ -124,6 +124,7 @@ def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytes
     make_project(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     client = MlflowClient(uri)
     experiment = client.create_experiment("presto", artifact_location=(tmp_path / "mlruns").as_uri())
     run = client.create_run(experiment, run_name="evaluate")
@@ -134,6 +135,10 @@ def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytes
 
     version = client.get_model_version_by_alias("presto-base", BEST_ALIAS)
     assert version.run_id == run.info.run_id and version.tags["presto.run"] == "base/2"
+    # In the run's experiment, whose artifacts are in the store: MLflow's default, experiment 0, keeps its
+    # artifacts in ./mlruns of whatever the working directory is.
+    assert client.get_logged_model(version.model_id).experiment_id == experiment
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
 
     port, log = free_port(), tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -178,3 +183,48 @@ def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytes
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_generate_takes_a_registered_model_or_a_stage_with_its_own_recipe(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """`presto generate --model presto-base@best` downloads the registered bundle and samples by the recipe it
+    was registered with; `--model presto_s` samples by the recipe its stage wrote (presto_s.json), not by
+    params' generate.recipe; an unknown registered name is a one-line error."""
+    import re
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    project = tmp_path / "project"
+    make_project(project)
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", project / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # In-process: the CLI's environment defaults (configure) go into a copy of the environment, dropped after.
+    monkeypatch.setattr(os, "environ", dict(os.environ, PRESTO_ROOT=str(project), MLFLOW_TRACKING_URI=uri))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("presto", artifact_location=(tmp_path / "store").as_uri())
+    tracker = MlflowTracker(uri, client.create_run(experiment, run_name="evaluate").info.run_id)
+    with bundle(project, "train_dit") as files:
+        tracker.log_model("base", files, {"recipe": RECIPE | {"steps": 3}, "seconds": 0.25, "run": "base/3"},
+                          BEST_ALIAS)
+    out = tmp_path / "registered.wav"
+    done = CliRunner().invoke(app, ["generate", "calm piano", "--model", f"presto-base@{BEST_ALIAS}",
+                                    "--device", "cpu", "--stereo", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "dpmpp_2m, 3 steps, NFE 6" in done.output  # the registered recipe: CFG++ doubles the evaluations
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == SR and audio.shape == (round(0.25 * SR), 2)  # the registered length; its upmixer
+
+    shutil.copytree(project / "artifacts" / "train_dit", project / "artifacts" / "presto_s")
+    (project / "artifacts" / "presto_s" / "presto_s.json").write_text(json.dumps(
+        RECIPE | {"sampler": "consistency", "steps": 2, "guidance": "none", "scale": 0.0}))
+    done = CliRunner().invoke(app, ["generate", "calm piano", "--model", "presto_s", "--seconds", "0.25",
+                                    "--device", "cpu", "-o", str(tmp_path / "stage.wav")])
+    assert done.exit_code == 0, done.output
+    assert re.search(r"consistency, 2 steps, NFE 2\b", done.output)
+
+    done = CliRunner().invoke(app, ["generate", "calm piano", "--model", "presto-nothing@best", "--device", "cpu"])
+    assert done.exit_code == 2 and "models:/presto-nothing@best: not in the model registry" in done.output
