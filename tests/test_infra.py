@@ -356,10 +356,15 @@ def test_teardown_ends_every_process_of_a_session_and_only_those() -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     session = {"name": "t", "sid": leader.pid, "start_ticks": loopback._start_ticks(leader.pid), "stop_group": True}
     try:
+        def members_and_groups() -> tuple[list, set[int]]:
+            members = loopback._processes_of([session])
+            return members, {os.getpgid(p.pid) for p in members}
+
         deadline = time.monotonic() + 20
-        while len(loopback._processes_of([session])) < 2 and time.monotonic() < deadline:
+        # Until the child has started and moved to its own group (a busy machine can take seconds for both).
+        while len(members_and_groups()[1]) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        members = loopback._processes_of([session])
+        members, _ = members_and_groups()
         assert len(members) == 2 and len({os.getpgid(p.pid) for p in members}) == 2
         # A recorded leader that started at another time is some other program that got the same pid.
         assert loopback._processes_of([session | {"start_ticks": session["start_ticks"] + 1}]) == \

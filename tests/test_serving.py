@@ -137,7 +137,8 @@ def test_registered_model_is_served_over_http(tmp_path: Path, monkeypatch: pytes
     assert version.run_id == run.info.run_id and version.tags["presto.run"] == "base/2"
     # In the run's experiment, whose artifacts are in the store: MLflow's default, experiment 0, keeps its
     # artifacts in ./mlruns of whatever the working directory is.
-    assert client.get_logged_model(version.model_id).experiment_id == experiment
+    logged = client.search_logged_models(experiment_ids=[experiment])
+    assert [m.name for m in logged] == ["base"] and logged[0].artifact_location.startswith((tmp_path / "mlruns").as_uri())
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
 
     port, log = free_port(), tmp_path / "serve.log"
