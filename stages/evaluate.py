@@ -26,9 +26,9 @@ Options (the paper's extra analyses): best of N (each prompt gets N candidates, 
 budget, and keeps the one with the best CLAP score, or without CLAP the best tempo/key adherence; its
 latency counts generating and scoring all N), and a sweep of the step schedule's rho for one run.
 
-Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n, and
-the stereo scores as {"stereo": {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}}),
-the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
+Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
+stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}), the
+DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
 and the upmixer for stereo requests); the alias `best` marks the model to serve: Presto-LS when evaluated,
@@ -71,11 +71,13 @@ from presto.models.upmixer import MODEL_DIR as UPMIXER_MODEL
 from presto.models.upmixer import Upmixer, load_upmixer, upmix
 from presto.training.progress import Progress
 from stages.base import StageContext
+from stages.runner import _check_metrics, flatten_metrics
 from stages.caption import CAPTIONS
 from stages.train_dit import VAE_MODEL
 from stages.train_stereo import stereo_clip
 
 REPORT = "report.html"
+STEREO_FILE = "stereo.json"  # the stereo scores: not per model and step count, so not in metrics.json
 PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
@@ -87,7 +89,7 @@ QUALITY_KEYS = ("fad", "mmd", "density", "recall", "coverage", "clap_score", "te
                 "key_mirex")
 TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_stereo_ms", "latency_text_ms", "latency_sample_ms",
                              "latency_decode_ms", "rtf", "speedup_vs_base")
-# metrics.json's "stereo" entry: these for the upmixer and for dual mono, each with side_fad
+# stereo.json: these for the upmixer and for dual mono, each with side_fad
 STEREO_KEYS = ("side_stft_distance", "channel_stft_distance", "correlation", "correlation_error", "width",
                "width_error")
 
@@ -355,7 +357,7 @@ def side_fad(embedder: Any, real_sides: np.ndarray | None, stereo: np.ndarray, s
 def score_stereo(upmixer: Upmixer, embedder: Any, real_sides: np.ndarray | None, test: EvalSet,
                  p: EvaluateParams) -> tuple[dict[str, dict[str, float | None]], np.ndarray]:
     """The upmixer on the downmix of each real stereo test clip, against the real clip, beside dual mono
-    (side = 0): the upmixer, dual_mono and real parts of metrics.json's `stereo` entry, and the upmixed clips
+    (side = 0): the upmixer, dual_mono and real parts of stereo.json, and the upmixed clips
     [stereo clips, 2, samples]. Without stereo test clips every score is None."""
     real, fft_sizes = test.stereo, p.stereo.stft_fft_sizes
     if not len(real):
@@ -408,8 +410,8 @@ def plot_records(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[di
 
 @dataclass(frozen=True)
 class StereoReport:
-    """What the report shows of stereo: the served run's clip per prompt upmixed, the stereo scores (metrics.json's
-    `stereo` entry), and the real stereo test clips' upmix."""
+    """What the report shows of stereo: the served run's clip per prompt upmixed, the stereo scores (stereo.json),
+    and the real stereo test clips' upmix."""
 
     served: str  # label of the served model's run
     served_clips: np.ndarray  # [prompts, 2, samples]
@@ -672,11 +674,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_report(ctx.out_dir / REPORT, test=test, results=results | scaled, clips=clips, real_scores=real_scores,
                  rho_records=rho_records, notes=notes, seeds=len(p.seeds), stereo=stereo,
                  stereo_listen_clips=p.stereo.listen_clips)
-    for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO):
+    stereo_json = _check_metrics(ctx.name, stereo_scores)  # NaN/Inf as null: valid JSON
+    (ctx.out_dir / STEREO_FILE).write_text(json.dumps(stereo_json, indent=2, sort_keys=True) + "\n")
+    for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO, STEREO_FILE):
         ctx.tracker.log_artifact(ctx.out_dir / name)
-    ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None})
+    ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None}
+                            | flatten_metrics(stereo_json, "stereo."))
     register_models(ctx, p, results, served)
-    return results | scaled | {"stereo": stereo_scores}
+    return results | scaled
 
 
 def served_model(results: dict[str, dict[str, dict[str, Any]]]) -> str:
