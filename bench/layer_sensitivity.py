@@ -64,6 +64,17 @@ def loss_ratios(teacher: torch.nn.Module, sigma_data: float, batches: list, sigm
     return out
 
 
+def score_schedule(schedule: BudgetSchedule, grid: torch.Tensor, levels: list[float],
+                   ratios: dict[tuple[str, int], list[float]]) -> tuple[float, float]:
+    """(fraction of block evaluations, mean reroute loss ratio of its budgets) over a sampling grid's positive
+    levels, each of which must be one of `levels` (where `ratios` was measured); full depth counts 1."""
+    index = {s: i for i, s in enumerate(levels)}
+    visited = [float(s) for s in grid if s > 0]
+    budgets = schedule(torch.tensor(visited)).tolist()
+    mean = math.fsum(1.0 if b >= schedule.depth else ratios["reroute", b][index[s]] for s, b in zip(visited, budgets))
+    return expected_compute(schedule, grid), mean / len(visited)
+
+
 def parse_schedule(text: str) -> BudgetScheduleConfig:
     """'28,24,20,16,12@0.085,0.97,5.8,24.4' -> budgets of 28 and band tops."""
     budgets, _, bounds = text.partition("@")
@@ -104,15 +115,10 @@ def main() -> None:
     print("\nschedules (reroute): fraction of block evaluations / mean loss ratio over each grid's levels\n")
     print("| schedule | budgets at depth " + str(depth) + " | " + " | ".join(grids) + " |")
     print("|---|---|" + "---|" * len(grids))
-    index = {s: i for i, s in enumerate(levels)}
     for name, cfg in schedules.items():
         schedule = BudgetSchedule(cfg, depth, reroute=True)
-        cells = []
-        for recipe in grids.values():
-            grid = [float(s) for s in recipe.sigmas() if s > 0]
-            budgets = schedule(torch.tensor(grid)).tolist()
-            mean = math.fsum(1.0 if b >= depth else ratios["reroute", b][index[s]] for s, b in zip(grid, budgets))
-            cells.append(f"{expected_compute(schedule, recipe.sigmas()):.3f} / {mean / len(grid):.3f}")
+        scores = [score_schedule(schedule, recipe.sigmas(), levels, ratios) for recipe in grids.values()]
+        cells = [f"{fraction:.3f} / {mean:.3f}" for fraction, mean in scores]
         print(f"| {name} | {schedule.budgets} | " + " | ".join(cells) + " |")
 
 

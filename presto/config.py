@@ -387,6 +387,7 @@ class EvaluateParams(Section):
     seeds: Annotated[list[NonNegInt], Field(min_length=1)]
     batch: PositiveInt
     latency_repeats: PositiveInt
+    fad_bootstrap: NonNegInt  # resamples of the generated clips for fad_std and fad_vs_reference_std; 0: none
     embedder: EmbedderParams
     mmd_bandwidth: PositiveFloat
     prdc_k: PositiveInt

@@ -7,7 +7,10 @@ captions of test clips spread over the test split) and scores the clips against 
 the same length:
 
   quality  fad, mmd (unbiased, RBF bandwidth `mmd_bandwidth`, x1000), density, recall, coverage (k = prdc_k)
-           on the configured audio embedding (presto/eval/embedders.py, presto/eval/metrics.py)
+           on the configured audio embedding (presto/eval/embedders.py, presto/eval/metrics.py);
+           fad_std, the FAD's spread over `fad_bootstrap` resamples of the prompts, and fad_vs_reference,
+           the FAD minus the reference run's, with the spread of that difference over the same resamples
+           of both sets (paired: it is what says whether one model beats another on these prompts)
   text     clap_score (CLAP embedder only, else null); tempo_error, key_accuracy, key_mirex of the audio
            against the tempo and key its prompt states (presto/eval/adherence.py)
   speed    nfe (CFG counts 2 per step); latency_ms at batch 1: warm, the median of `latency_repeats` runs,
@@ -85,8 +88,9 @@ BEST_ALIAS = "best"
 # Candidate j of a clip with seed s has seed s + j * stride: candidate 0 is the run's own clip, and the
 # candidates of different seeds never share a seed (for fewer than `stride` seeds).
 CANDIDATE_SEED_STRIDE = 100_003
-QUALITY_KEYS = ("fad", "mmd", "density", "recall", "coverage", "clap_score", "tempo_error", "key_accuracy",
-                "key_mirex")
+BOOTSTRAP_SEED = 0
+QUALITY_KEYS = ("fad", "fad_std", "fad_vs_reference", "fad_vs_reference_std", "mmd", "density", "recall",
+                "coverage", "clap_score", "tempo_error", "key_accuracy", "key_mirex")
 TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_stereo_ms", "latency_text_ms", "latency_sample_ms",
                              "latency_decode_ms", "rtf", "speedup_vs_base")
 # stereo.json: these for the upmixer and for dual mono, each with side_fad
@@ -231,6 +235,10 @@ class Scorer:
                  p: EvaluateParams):
         self.embedder, self.test, self.seeds, self.p = embedder, test, seeds, p
         self.reference = reference_embeddings
+        self.frechet = metrics.FrechetToReference(reference_embeddings)
+        self.draws: np.ndarray | None = None  # bootstrap draws of clip indices, shared by every scored set
+        self.baseline_fads: np.ndarray | None = None  # the reference run's FAD on each draw
+        self.baseline_fad = math.nan  # and on its clips
         self.targets = [t for t in test.targets for _ in range(seeds)]
         text_embed = getattr(embedder, "text_embed", None)
         self.text = np.repeat(text_embed(test.prompts), seeds, axis=0) if text_embed else None
@@ -254,12 +262,31 @@ class Scorer:
             self.score_ms = 1e3 * (time.perf_counter() - start) / len(audio)
         return out
 
+    def set_baseline(self, audio: np.ndarray) -> None:
+        """The reference run's clips: every set scored after this gets its FAD's bootstrap spread and its
+        paired FAD difference to these (the same prompts and seeds resampled for both: the noise that the
+        choice of prompts adds to a comparison of two models, which the real clips' own sampling does not
+        enter since every set is scored against the same ones)."""
+        if self.p.fad_bootstrap == 0:
+            return
+        emb = self.embedder.embed(audio, self.test.sample_rate)
+        self.draws = metrics.bootstrap_draws(len(emb), self.p.fad_bootstrap, seed=BOOTSTRAP_SEED)
+        self.baseline_fads = np.array([self.frechet(emb[d]) for d in self.draws])
+        self.baseline_fad = self.frechet(emb)
+
+    def fad_spread(self, emb: np.ndarray) -> dict[str, float | None]:
+        if self.draws is None or len(emb) != self.draws.shape[1]:
+            return {"fad_std": None, "fad_vs_reference": None, "fad_vs_reference_std": None}
+        fads = np.array([self.frechet(emb[d]) for d in self.draws])
+        return {"fad_std": float(fads.std(ddof=1)), "fad_vs_reference": self.frechet(emb) - self.baseline_fad,
+                "fad_vs_reference_std": float((fads - self.baseline_fads).std(ddof=1))}
+
     def score(self, audio: np.ndarray) -> dict[str, float | None]:
         emb = self.embedder.embed(audio, self.test.sample_rate)
         measured = self.measure(audio)
         prdc = metrics.prdc(self.reference, emb, k=self.p.prdc_k)
         return {
-            "fad": metrics.frechet_distance(self.reference, emb),
+            "fad": metrics.frechet_distance(self.reference, emb), **self.fad_spread(emb),
             "mmd": metrics.mmd(self.reference, emb, bandwidth=self.p.mmd_bandwidth),
             "density": prdc["density"], "recall": prdc["recall"], "coverage": prdc["coverage"],
             "clap_score": metrics.clap_score(emb, self.text) if self.text is not None else None,
@@ -616,6 +643,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         progress.update(k + 1, latency_ms=generated[run_.label][1]["latency_ms"])
     reference_ms = generated[p.reference_run][1]["latency_ms"]
 
+    scorer.set_baseline(generated[p.reference_run][0])
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for run_ in p.runs:
         audio, info = generated[run_.label]

@@ -70,3 +70,39 @@ def test_train_throughput_reports_tokens_mfu_and_the_data_share(capsys):
     row = dict(zip(header, rows[0]))
     assert row["precision"] == "float32" and row["batch x frames"] == "2 x 8"
     assert float(row["tokens/s"]) > 0 and row["MFU (peak)"].endswith("% (1)")
+
+
+def test_layer_sensitivity_ratios_see_exactly_the_blocks_a_budget_drops():
+    """With every block but block 1 the identity (adaLN-Zero's zero gates, and a zeroed cross-attention output,
+    which is ungated) and the output layer given weights, only the budgets that leave block 1 out change the
+    loss: reroute 2 (blocks 0 and 3), and no exit budget."""
+    from presto.distill.presto_l import BudgetSchedule, BudgetScheduleConfig
+    from presto.models.dit import DiT, DiTConfig
+    from presto.text.condition import TextCondition
+
+    sens = bench_module("layer_sensitivity")
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(latent_channels=4, width=32, depth=4, heads=2, mlp_ratio=2.0, text_dim=8,
+                           budget_conditioning=False))
+    with torch.no_grad():
+        for module in (net.blocks[1], net.final):
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        for i in (0, 2, 3):
+            net.blocks[i].cross_out.weight.zero_()
+            net.blocks[i].cross_out.bias.zero_()
+    cond = TextCondition(torch.randn(3, 2, 8), torch.ones(3, 2, dtype=torch.bool), torch.randn(3, 8))
+    levels = [20.0, 1.0, 0.1]
+    ratios = sens.loss_ratios(net, 0.5, [(torch.randn(3, 4, 16), cond)], levels, seed=0)
+    assert sorted(ratios) == [("exit", 2), ("exit", 3), ("reroute", 2), ("reroute", 3)]
+    for key in [("exit", 2), ("exit", 3), ("reroute", 3)]:
+        assert ratios[key] == pytest.approx([1.0] * 3, abs=1e-6)
+    assert all(abs(r - 1.0) > 1e-3 for r in ratios["reroute", 2])
+
+    # A schedule is scored over a grid's levels: full depth counts 1, a budget its measured ratio.
+    schedule = BudgetSchedule(BudgetScheduleConfig(reference_depth=4, budgets=[4, 2], sigma_bounds=[5.0]), 4,
+                              reroute=True)
+    fraction, mean = sens.score_schedule(schedule, torch.tensor([20.0, 1.0, 0.1, 0.0]), levels, ratios)
+    assert fraction == pytest.approx((2 + 4 + 4) / 12)
+    assert mean == pytest.approx((ratios["reroute", 2][0] + 2) / 3)
+    assert sens.parse_schedule("28,24@1.5").budgets == [28, 24]

@@ -195,7 +195,7 @@ def tiny_params(**changes) -> Params:
                  {"name": "presto_s", "stage": "train_dit", "recipe": recipe("consistency", 2, "none")},
                  {"name": "ase", "stage": "ase", "recipe": recipe("dpmpp_2m", 3, "cfgpp")}],
         "reference_run": "base/3", "n_prompts": 2, "reference_clips": 8, "seconds": 1.0, "seeds": [0, 1],
-        "batch": 4, "latency_repeats": 1,
+        "batch": 4, "latency_repeats": 1, "fad_bootstrap": 20,
         "embedder": {"kind": "default", "checkpoint": None, "audio_model": "HTSAT-base", "enable_fusion": False},
         "mmd_bandwidth": 10.0, "prdc_k": 1,
         "best_of_n": {"runs": ["presto_s/2"], "max_candidates": 2, "latency_budget_ms": 1e7},
@@ -315,6 +315,16 @@ def test_stereo_needs_the_upmixer_and_long_enough_clips(tmp_path):
             evaluate.run(context(tmp_path, tiny_params()))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fad_spread_is_paired_with_the_reference_run(evaluated):
+    metrics, _, _ = evaluated
+    base, student = metrics["base"]["3"], metrics["presto_s"]["2"]
+    # The reference run against itself: the same clips on every resample, so no difference and no spread.
+    assert base["fad_vs_reference"] == 0.0 and base["fad_vs_reference_std"] == 0.0
+    assert base["fad_std"] > 0 and student["fad_std"] > 0
+    assert student["fad_vs_reference"] == pytest.approx(student["fad"] - base["fad"])
+    assert student["fad_vs_reference_std"] > 0
 
 
 def test_speed_bookkeeping(evaluated):

@@ -298,3 +298,12 @@ def test_clap_score_rejects_unpaired_or_zero_embeddings():
         clap_score(np.ones((3, 2)), np.ones((2, 2)))
     with pytest.raises(ValueError, match="all zeros"):
         clap_score(np.zeros((1, 2)), np.ones((1, 2)))
+
+
+def test_frechet_to_a_fixed_reference_matches_the_general_formula():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 12)), 1.3 * rng.normal(size=(25, 12)) + 0.2
+    assert metrics.FrechetToReference(real)(fake) == pytest.approx(metrics.frechet_distance(real, fake))
+    draws = metrics.bootstrap_draws(25, 7, seed=3)
+    assert draws.shape == (7, 25) and draws.min() >= 0 and draws.max() < 25
+    assert (draws == metrics.bootstrap_draws(25, 7, seed=3)).all()

@@ -20,6 +20,8 @@ Schedule [ours, after ASE's DiT schedule]: budgets are given as counts out of a 
 of 28, 24, 20, 16, 12 as noise rises) and scaled to the model's depth d as round_half_up(b d / ref),
 clamped to [2, d] with the reroute (the last block always runs, so a budget of 1 would keep no
 intermediate block at all) and to [1, d] without. Band i covers sigma in (bounds[i-1], bounds[i]].
+Which blocks a trained teacher can spare at which sigma is measured by bench/layer_sensitivity.py; the
+params.yaml default follows it.
 """
 
 from __future__ import annotations
