@@ -388,6 +388,7 @@ class EvaluateParams(Section):
     batch: PositiveInt
     latency_repeats: PositiveInt
     fad_bootstrap: NonNegInt  # resamples of the generated clips for fad_std and fad_vs_reference_std; 0: none
+    compare: list[tuple[str, str]]  # pairs of run labels (a, b): FAD(a) - FAD(b), paired spread, latency ratio
     embedder: EmbedderParams
     mmd_bandwidth: PositiveFloat
     prdc_k: PositiveInt
@@ -402,7 +403,8 @@ class EvaluateParams(Section):
         repeated = sorted({x for x in labels if labels.count(x) > 1})
         if repeated:
             raise ValueError(f"runs {repeated} appear twice: each model and step count is one run")
-        named = [("reference_run", self.reference_run)] + [("best_of_n.runs", r) for r in self.best_of_n.runs]
+        named = ([("reference_run", self.reference_run)] + [("best_of_n.runs", r) for r in self.best_of_n.runs]
+                 + [("compare", label) for pair in self.compare for label in pair])
         if self.rho_sweep.rhos:
             named.append(("rho_sweep.run", self.rho_sweep.run))
         for key, label in named:

@@ -30,8 +30,9 @@ budget, and keeps the one with the best CLAP score, or without CLAP the best tem
 latency counts generating and scoring all N), and a sweep of the step schedule's rho for one run.
 
 Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
-stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}), the
-DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
+stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}),
+comparisons.json (each pair of `compare`: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread, and
+the latency ratio; also in the report and the tracker as compare.<a> vs <b>.*), the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
 and the upmixer for stereo requests); the alias `best` marks the model to serve: Presto-LS when evaluated,
@@ -81,6 +82,7 @@ from stages.train_stereo import stereo_clip
 
 REPORT = "report.html"
 STEREO_FILE = "stereo.json"  # the stereo scores: not per model and step count, so not in metrics.json
+COMPARE_FILE = "comparisons.json"  # the paired FAD differences of `compare`: [{a, b, fad_diff, ...}]
 PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
@@ -239,6 +241,7 @@ class Scorer:
         self.draws: np.ndarray | None = None  # bootstrap draws of clip indices, shared by every scored set
         self.baseline_fads: np.ndarray | None = None  # the reference run's FAD on each draw
         self.baseline_fad = math.nan  # and on its clips
+        self.draw_fads: dict[str, np.ndarray] = {}  # per run label: its FAD on each draw (for `compare`)
         self.targets = [t for t in test.targets for _ in range(seeds)]
         text_embed = getattr(embedder, "text_embed", None)
         self.text = np.repeat(text_embed(test.prompts), seeds, axis=0) if text_embed else None
@@ -274,19 +277,23 @@ class Scorer:
         self.baseline_fads = np.array([self.frechet(emb[d]) for d in self.draws])
         self.baseline_fad = self.frechet(emb)
 
-    def fad_spread(self, emb: np.ndarray) -> dict[str, float | None]:
+    def fad_spread(self, emb: np.ndarray, label: str | None) -> dict[str, float | None]:
         if self.draws is None or len(emb) != self.draws.shape[1]:
             return {"fad_std": None, "fad_vs_reference": None, "fad_vs_reference_std": None}
         fads = np.array([self.frechet(emb[d]) for d in self.draws])
+        if label is not None:
+            self.draw_fads[label] = fads
         return {"fad_std": float(fads.std(ddof=1)), "fad_vs_reference": self.frechet(emb) - self.baseline_fad,
                 "fad_vs_reference_std": float((fads - self.baseline_fads).std(ddof=1))}
 
-    def score(self, audio: np.ndarray) -> dict[str, float | None]:
+    def score(self, audio: np.ndarray, label: str | None = None) -> dict[str, float | None]:
+        """The quality and adherence scores of a set of clips; `label` (a run's) keeps its bootstrap FADs for
+        the paired comparisons of `compare`."""
         emb = self.embedder.embed(audio, self.test.sample_rate)
         measured = self.measure(audio)
         prdc = metrics.prdc(self.reference, emb, k=self.p.prdc_k)
         return {
-            "fad": metrics.frechet_distance(self.reference, emb), **self.fad_spread(emb),
+            "fad": metrics.frechet_distance(self.reference, emb), **self.fad_spread(emb, label),
             "mmd": metrics.mmd(self.reference, emb, bandwidth=self.p.mmd_bandwidth),
             "density": prdc["density"], "recall": prdc["recall"], "coverage": prdc["coverage"],
             "clap_score": metrics.clap_score(emb, self.text) if self.text is not None else None,
@@ -465,7 +472,8 @@ def stereo_listen_rows(test: EvalSet, upmixed: np.ndarray, count: int) -> list[A
 
 def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict[str, Any]]],
                  clips: dict[str, np.ndarray], real_scores: dict[str, float | None], rho_records: list[dict],
-                 notes: list[str], seeds: int, stereo: StereoReport, stereo_listen_clips: int) -> None:
+                 comparisons: list[dict[str, Any]], notes: list[str], seeds: int, stereo: StereoReport,
+                 stereo_listen_clips: int) -> None:
     from presto.eval.report import ListenGrid, ListenRow, Table, line_plot, render_report
 
     rows = [{"model": f"{name}/{s}", **entry} for name, by_steps in results.items() for s, entry in by_steps.items()]
@@ -475,6 +483,8 @@ def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict
                    {"stereo": "real stereo test clips", **stereo.scores["real"]},
                    {"stereo": f"{stereo.served} generated, upmixed", **stereo.scores["served"]}]
     tables = [Table("Metrics", ["model", *TABLE_KEYS], rows),
+              Table("Paired comparisons: FAD(a) - FAD(b), spread over the same resamples of the prompts",
+                    ["a", "b", "fad_a", "fad_b", "fad_diff", "fad_diff_std", "latency_ratio"], comparisons),
               Table("Stereo: the upmixer against the real stereo test clips", ["stereo", *STEREO_KEYS, "side_fad"],
                     stereo_rows)]
     by_model: dict[str, list[tuple[float, float, str]]] = {}
@@ -648,11 +658,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for run_ in p.runs:
         audio, info = generated[run_.label]
         latency = {k: v for k, v in info.items() if k.startswith("latency_")}
-        entry = scorer.score(audio) | speed(latency, info["nfe"], p.seconds, reference_ms, upmix_ms)
+        entry = scorer.score(audio, run_.label) | speed(latency, info["nfe"], p.seconds, reference_ms, upmix_ms)
         results.setdefault(run_.name, {})[str(run_.recipe.steps)] = entry
         print(f"evaluate: {run_.label}: " + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if v is not None),
               flush=True)
     clips = {label: audio for label, (audio, _) in generated.items()}
+    comparisons = compare_runs(p.compare, {r.label: results[r.name][str(r.recipe.steps)] for r in p.runs},
+                               scorer.draw_fads)
 
     by_label = {r.label: r for r in p.runs}
     scaled: dict[str, dict[str, dict[str, Any]]] = {}
@@ -700,16 +712,34 @@ def run(ctx: StageContext) -> dict[str, Any]:
     stereo = StereoReport(served=served_label, scores=stereo_scores, upmixed=upmixed,
                           served_clips=served_stereo[::len(p.seeds)])  # a clip per prompt: its first seed
     write_report(ctx.out_dir / REPORT, test=test, results=results | scaled, clips=clips, real_scores=real_scores,
-                 rho_records=rho_records, notes=notes, seeds=len(p.seeds), stereo=stereo,
+                 rho_records=rho_records, comparisons=comparisons, notes=notes, seeds=len(p.seeds), stereo=stereo,
                  stereo_listen_clips=p.stereo.listen_clips)
     stereo_json = _check_metrics(ctx.name, stereo_scores)  # NaN/Inf as null: valid JSON
     (ctx.out_dir / STEREO_FILE).write_text(json.dumps(stereo_json, indent=2, sort_keys=True) + "\n")
-    for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO, STEREO_FILE):
+    (ctx.out_dir / COMPARE_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
+    for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO, STEREO_FILE, COMPARE_FILE):
         ctx.tracker.log_artifact(ctx.out_dir / name)
     ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None}
-                            | flatten_metrics(stereo_json, "stereo."))
+                            | flatten_metrics(stereo_json, "stereo.")
+                            | {f"compare.{c['a']} vs {c['b']}.{k}": c[k] for c in comparisons
+                               for k in ("fad_diff", "fad_diff_std", "latency_ratio") if c[k] is not None})
     register_models(ctx, p, results, served)
     return results | scaled
+
+
+def compare_runs(pairs: Sequence[tuple[str, str]], entries: dict[str, dict[str, Any]],
+                 draw_fads: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """For each pair (a, b) of run labels: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread (both
+    sets resampled by the same draws of prompts; null without draws), and latency_ratio = latency(a) /
+    latency(b). Negative fad_diff: a scores better; |fad_diff| below ~2 fad_diff_std is within noise."""
+    out = []
+    for a, b in pairs:
+        paired = a in draw_fads and b in draw_fads
+        out.append({"a": a, "b": b, "fad_a": entries[a]["fad"], "fad_b": entries[b]["fad"],
+                    "fad_diff": entries[a]["fad"] - entries[b]["fad"],
+                    "fad_diff_std": float((draw_fads[a] - draw_fads[b]).std(ddof=1)) if paired else None,
+                    "latency_ratio": entries[a]["latency_ms"] / entries[b]["latency_ms"]})
+    return out
 
 
 def served_model(results: dict[str, dict[str, dict[str, Any]]]) -> str:

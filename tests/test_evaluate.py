@@ -195,7 +195,7 @@ def tiny_params(**changes) -> Params:
                  {"name": "presto_s", "stage": "train_dit", "recipe": recipe("consistency", 2, "none")},
                  {"name": "ase", "stage": "ase", "recipe": recipe("dpmpp_2m", 3, "cfgpp")}],
         "reference_run": "base/3", "n_prompts": 2, "reference_clips": 8, "seconds": 1.0, "seeds": [0, 1],
-        "batch": 4, "latency_repeats": 1, "fad_bootstrap": 20,
+        "batch": 4, "latency_repeats": 1, "fad_bootstrap": 20, "compare": [["ase/3", "base/3"]],
         "embedder": {"kind": "default", "checkpoint": None, "audio_model": "HTSAT-base", "enable_fusion": False},
         "mmd_bandwidth": 10.0, "prdc_k": 1,
         "best_of_n": {"runs": ["presto_s/2"], "max_candidates": 2, "latency_budget_ms": 1e7},
@@ -327,6 +327,19 @@ def test_fad_spread_is_paired_with_the_reference_run(evaluated):
     assert student["fad_vs_reference_std"] > 0
 
 
+def test_compare_pairs_runs_on_the_same_resamples(evaluated):
+    metrics, ctx, _ = evaluated
+    (pair,) = json.loads((ctx.out_dir / evaluate.COMPARE_FILE).read_text())
+    ase, base = metrics["ase"]["3"], metrics["base"]["3"]
+    assert (pair["a"], pair["b"]) == ("ase/3", "base/3")
+    assert pair["fad_diff"] == pytest.approx(ase["fad"] - base["fad"])
+    # The difference's draws are ase's minus the reference run's: the spread fad_vs_reference already has.
+    assert pair["fad_diff_std"] == pytest.approx(ase["fad_vs_reference_std"])
+    assert pair["latency_ratio"] == pytest.approx(ase["latency_ms"] / base["latency_ms"])
+    with pytest.raises(Exception, match="compare"):
+        tiny_params(compare=[["ase/3", "presto_l/32"]])
+
+
 def test_speed_bookkeeping(evaluated):
     metrics, _, _ = evaluated
     base, student, ase = metrics["base"]["3"], metrics["presto_s"]["2"], metrics["ase"]["3"]
@@ -384,7 +397,7 @@ def test_bad_runs_are_refused(tmp_path):
     (tmp_path / "artifacts").mkdir()
     params = tiny_params(runs=[{"name": "base", "stage": "demo_corpus", "recipe": recipe("dpmpp_2m", 3, "cfgpp")}],
                          best_of_n={"runs": [], "max_candidates": 2, "latency_budget_ms": None},
-                         rho_sweep={"run": "base/3", "rhos": []})
+                         rho_sweep={"run": "base/3", "rhos": []}, compare=[])
     with pytest.raises(ParamsError, match="not an upstream"):
         evaluate.check_runs(context(tmp_path, params), params.evaluate.runs)
     params = tiny_params()
@@ -414,7 +427,7 @@ def test_clap_embedder_gives_clap_score_and_selects_by_it(tmp_path, monkeypatch)
     make_artifacts(tmp_path)
     monkeypatch.setattr(evaluate, "make_embedder", lambda p, device: FakeClap())
     params = tiny_params(runs=[{"name": "base", "stage": "train_dit", "recipe": recipe("dpmpp_2m", 2, "cfgpp")}],
-                         reference_run="base/2", latency_repeats=1,
+                         reference_run="base/2", latency_repeats=1, compare=[],
                          best_of_n={"runs": ["base/2"], "max_candidates": 3, "latency_budget_ms": 1e7},
                          rho_sweep={"run": "base/2", "rhos": []})
     threads = torch.get_num_threads()
