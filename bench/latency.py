@@ -8,8 +8,8 @@ Models (random weights: latency does not depend on the values), each sampled by 
 All four run one DiT built with budget conditioning (the budget embedding adds one vector per forward);
 a BudgetedDenoiser applies the schedule where a model has one.
 
-Architectures: demo = params.yaml's models and `generate.seconds` at shared.sample_rate; paper = the same with
-profiles/paper.yaml applied (28 DiT blocks x 1024, 32 s of 44.1 kHz mono).
+Architectures: demo = params.yaml's models and `generate.seconds` at shared.sample_rate; science and paper = the
+same with profiles/<arch>.yaml applied (science: 6 DiT blocks; paper: 28 blocks x 1024, 32 s of 44.1 kHz mono).
 
 Timing (presto.generation.Generator's own pieces, median of `--repeats` after `--warmup` runs; the models
 take turns, one run each per round, so a drifting load on a shared machine slows them alike):
@@ -239,7 +239,7 @@ def upmixer_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=["demo", "paper"], nargs="+", default=["demo"])
+    ap.add_argument("--arch", choices=["demo", "science", "paper"], nargs="+", default=["demo"])
     ap.add_argument("--models", choices=MODELS, nargs="*", default=list(MODELS),
                     help="models to time (none: the upmixer alone)")
     ap.add_argument("--steps", type=int, default=None, help="base and presto_l steps (default: generate.recipe)")
