@@ -89,9 +89,11 @@ def test_ase_schedule_at_28_blocks_and_scaled_to_other_depths():
     assert BudgetSchedule(ASE, 12, reroute=True).budgets == [12, 10, 9, 7, 5]  # 10.29, 8.57, 6.86, 5.14
     assert BudgetSchedule(ASE, 6, reroute=True).budgets == [6, 5, 4, 3, 3]  # 5.14, 4.29, 3.43, 2.57
     assert BudgetSchedule(ASE, 4, reroute=True).budgets == [4, 3, 3, 2, 2]  # 3.43, 2.86, 2.29, 1.71
-    # The reroute always runs the last block, so it keeps at least one intermediate block: never below 2.
+    # The reroute always runs the last block, so it keeps at least one intermediate block: never below 2; and
+    # ASE gets the same floor, so that both modes run the same blocks per noise level (1.71, 1.43, 1.14, 0.86).
     assert BudgetSchedule(ASE, 2, reroute=True).budgets == [2, 2, 2, 2, 2]
-    assert BudgetSchedule(ASE, 2, reroute=False).budgets == [2, 2, 1, 1, 1]  # 1.71, 1.43, 1.14, 0.86
+    assert BudgetSchedule(ASE, 2, reroute=False).budgets == [2, 2, 2, 2, 2]
+    assert BudgetSchedule(ASE, 1, reroute=False).budgets == [1, 1, 1, 1, 1]  # nothing to drop, but no error
     with pytest.raises(ValueError, match="depth of 1"):
         BudgetSchedule(ASE, 1, reroute=True)
     assert scale_budget(5, 10, 5, minimum=1) == 3  # 2.5 rounds half up (Python's round would give 2)

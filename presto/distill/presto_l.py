@@ -18,8 +18,9 @@ DiT (presto/models/dit.py) runs a budget as a real subset of its blocks; the two
 
 Schedule [ours, after ASE's DiT schedule]: budgets are given as counts out of a reference depth (ASE: 28
 of 28, 24, 20, 16, 12 as noise rises) and scaled to the model's depth d as round_half_up(b d / ref),
-clamped to [2, d] with the reroute (the last block always runs, so a budget of 1 would keep no
-intermediate block at all) and to [1, d] without. Band i covers sigma in (bounds[i-1], bounds[i]].
+clamped to [2, d] in both modes (with the reroute the last block always runs, so a budget of 1 would keep no
+intermediate block at all; ASE gets the same floor so that the two run equal compute). Band i covers sigma
+in (bounds[i-1], bounds[i]].
 Which blocks a trained teacher can spare at which sigma is measured by bench/layer_sensitivity.py; the
 params.yaml default follows it.
 """
@@ -85,9 +86,11 @@ class BudgetSchedule:
     """sigma [...] -> number of active blocks [...] (int64) for a DiT of `depth` blocks."""
 
     def __init__(self, cfg: BudgetScheduleConfig, depth: int, reroute: bool):
-        minimum = 2 if reroute else 1
-        if depth < minimum:
+        if depth < (2 if reroute else 1):
             raise ValueError(f"a depth of {depth} leaves nothing to drop (the reroute needs at least 2 blocks)")
+        # One floor in both modes, so that Presto-L and its ASE baseline run equally many blocks at every noise
+        # level (a comparison at equal compute); with the reroute, 1 block would keep no intermediate block.
+        minimum = min(2, depth)
         self.cfg, self.depth, self.reroute = cfg, depth, reroute
         self.budgets = [scale_budget(b, cfg.reference_depth, depth, minimum) for b in cfg.budgets]
         self._bounds = torch.tensor(cfg.sigma_bounds, dtype=torch.float64)
