@@ -32,7 +32,8 @@ latency counts generating and scoring all N), and a sweep of the step schedule's
 Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
 stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}),
 comparisons.json (each pair of `compare`: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread, and
-the latency ratio; also in the report and the tracker as compare.<a> vs <b>.*), the DVC plots quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
+the latency ratio; also in the report and the tracker as compare.<a> vs <b>.*), the DVC plots
+quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
 and the upmixer for stereo requests); the alias `best` marks the model to serve: Presto-LS when evaluated,
