@@ -11,7 +11,7 @@ scored on the grids it is sampled on: the fraction of block evaluations it runs 
 of its budgets over the grid's levels (reroute).
 
     .venv/bin/python bench/layer_sensitivity.py --artifacts artifacts --clips 32
-    .venv/bin/python bench/layer_sensitivity.py --schedule 28,28,24,8,8@0.085,0.97,5.8,24.4
+    .venv/bin/python bench/layer_sensitivity.py --schedule 28,28,24,10,8@0.085,0.97,5.8,24.4
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=32, help="validation clips (first caption, first 128 frames)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schedule", action="append", default=[], help="budgets of 28@band tops, e.g. "
-                    "28,28,24,8,8@0.085,0.97,5.8,24.4 (repeatable)")
+                    "28,28,24,10,8@0.085,0.97,5.8,24.4 (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
