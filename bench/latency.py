@@ -55,6 +55,7 @@ from presto.config import Params, load_params, parse_params  # noqa: E402
 from presto.data.latents import LatentStats  # noqa: E402
 from presto.diffusion.edm import Denoiser  # noqa: E402
 from presto.distill.presto_l import BudgetedDenoiser, BudgetSchedule, BudgetScheduleConfig  # noqa: E402
+from presto.eval.timing import take_turns  # noqa: E402
 from presto.fast_path import compile_for_inference  # noqa: E402
 from presto.generation import Generator, SamplingRecipe, resolve_device  # noqa: E402
 from presto.models.dit import DiT, dit_flops  # noqa: E402
@@ -129,15 +130,10 @@ def clock(fn: Callable[[], object], device: torch.device) -> tuple[float, object
 def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
           repeats: int) -> dict[str, tuple[float, float, object]]:
     """Per name: (median milliseconds of the `repeats` calls after `warmup` more, milliseconds of the very first
-    call (with --compile: compilation included), the last call's result). The calls go round-robin over the
-    names, so a machine whose load drifts (a shared one) slows every name alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    outs = {}
-    for _ in range(warmup + repeats):
-        for name, fn in fns.items():
-            ms, outs[name] = clock(fn, device)
-            times[name].append(ms)
-    return {name: (statistics.median(t[warmup:]), t[0], outs[name]) for name, t in times.items()}
+    call (with --compile: compilation included), the last call's result). The names take turns, so a machine
+    whose load drifts (a shared one) slows every name alike."""
+    runs = take_turns({name: lambda fn=fn: clock(fn, device) for name, fn in fns.items()}, warmup + repeats)
+    return {name: (statistics.median(ms for ms, _ in r[warmup:]), r[0][0], r[-1][1]) for name, r in runs.items()}
 
 
 def bench_models(arch: str, params: Params, gen: Generator, models: list[str], args: argparse.Namespace,

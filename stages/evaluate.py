@@ -16,8 +16,11 @@ the same length:
   speed    nfe (CFG counts 2 per step); latency_ms at batch 1: warm, the median of `latency_repeats` runs,
            text encoding + sampling + VAE decode, broken down as latency_{text,sample,decode}_ms;
            rtf = seconds of audio per second of latency (the paper's convention: 32 s in 43.34 s is 0.74);
-           speedup_vs_base = latency of `reference_run` / latency of the run; upmix_ms, the upmixer's time
-           for the same seconds (warm, median of as many runs), and latency_stereo_ms = latency_ms + upmix_ms
+           speedup_vs_base = reference_latency_ms / latency_ms, where reference_latency_ms is the median of
+           `reference_run` over the same rounds: each run takes turns with the reference run, so a load that
+           changes between runs (another process on the machine) moves both sides of the ratio; upmix_ms,
+           the upmixer's time for the same seconds (warm, median of as many runs), and latency_stereo_ms =
+           latency_ms + upmix_ms
 
 Stereo (the train_stereo upmixer, which every model is registered and served with): the real stereo clips
 among the reference clips, upmixed from their downmix, against the real ones, beside dual mono (side = 0):
@@ -32,15 +35,16 @@ latency counts generating and scoring all N), and a sweep of the step schedule's
 Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
 stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}),
 comparisons.json (each pair of `compare`: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread, and
-the latency ratio; also in the report and the tracker as compare.<a> vs <b>.*), the DVC plots
+the latency ratio, each run's latency taken relative to the reference run's beside it; also in the report
+and the tracker as compare.<a> vs <b>.*), the DVC plots
 quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
 and the upmixer for stereo requests); the alias `best` marks the model to serve: Presto-LS when evaluated,
 else the lowest-FAD model.
 
-Resumption: each generated set of clips is saved to ctx.checkpoint_dir as soon as it exists; a rerun
-after a crash loads it instead of generating again.
+Resumption: each generated set of clips, and each run's timings, are saved to ctx.checkpoint_dir as soon
+as they exist; a rerun after a crash loads them instead of generating or timing again.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from presto.errors import InputError, ParamsError
 from presto.eval import adherence, metrics
 from presto.eval.adherence import Measured, Target
 from presto.eval.stereo import channel_correlation, side_embeddings, stereo_comparison, stereo_width
+from presto.eval.timing import take_turns
 from presto.distill.presto_l import SCHEDULE_FILE
 from presto.generation import EDM_FILE, MODEL_DIR, Generator, SamplingRecipe
 from presto.models.upmixer import INFO_FILE as UPMIXER_INFO
@@ -87,6 +92,7 @@ COMPARE_FILE = "comparisons.json"  # the paired FAD differences of `compare`: [{
 PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
+LATENCY_FILE = "latency.json"  # in the checkpoint folder: {run label: its timings}, kept for a rerun
 BEST_ALIAS = "best"
 # Candidate j of a clip with seed s has seed s + j * stride: candidate 0 is the run's own clip, and the
 # candidates of different seeds never share a seed (for fewer than `stride` seeds).
@@ -243,6 +249,7 @@ class Scorer:
         self.baseline_fads: np.ndarray | None = None  # the reference run's FAD on each draw
         self.baseline_fad = math.nan  # and on its clips
         self.draw_fads: dict[str, np.ndarray] = {}  # per run label: its FAD on each draw (for `compare`)
+        self.embedded: dict[str, np.ndarray] = {}  # per run label: its clips' embeddings, computed once
         self.targets = [t for t in test.targets for _ in range(seeds)]
         text_embed = getattr(embedder, "text_embed", None)
         self.text = np.repeat(text_embed(test.prompts), seeds, axis=0) if text_embed else None
@@ -266,14 +273,21 @@ class Scorer:
             self.score_ms = 1e3 * (time.perf_counter() - start) / len(audio)
         return out
 
-    def set_baseline(self, audio: np.ndarray) -> None:
+    def embed(self, audio: np.ndarray, label: str | None) -> np.ndarray:
+        if label is None:
+            return self.embedder.embed(audio, self.test.sample_rate)
+        if label not in self.embedded:
+            self.embedded[label] = self.embedder.embed(audio, self.test.sample_rate)
+        return self.embedded[label]
+
+    def set_baseline(self, audio: np.ndarray, label: str) -> None:
         """The reference run's clips: every set scored after this gets its FAD's bootstrap spread and its
         paired FAD difference to these (the same prompts and seeds resampled for both: the noise that the
         choice of prompts adds to a comparison of two models, which the real clips' own sampling does not
         enter since every set is scored against the same ones)."""
         if self.p.fad_bootstrap == 0:
             return
-        emb = self.embedder.embed(audio, self.test.sample_rate)
+        emb = self.embed(audio, label)
         self.draws = metrics.bootstrap_draws(len(emb), self.p.fad_bootstrap, seed=BOOTSTRAP_SEED)
         self.baseline_fads = np.array([self.frechet(emb[d]) for d in self.draws])
         self.baseline_fad = self.frechet(emb)
@@ -290,7 +304,7 @@ class Scorer:
     def score(self, audio: np.ndarray, label: str | None = None) -> dict[str, float | None]:
         """The quality and adherence scores of a set of clips; `label` (a run's) keeps its bootstrap FADs for
         the paired comparisons of `compare`."""
-        emb = self.embedder.embed(audio, self.test.sample_rate)
+        emb = self.embed(audio, label)
         measured = self.measure(audio)
         prdc = metrics.prdc(self.reference, emb, k=self.p.prdc_k)
         return {
@@ -338,19 +352,22 @@ def generate_set(generator: Generator, prompts: Sequence[str], seeds: Sequence[i
     return np.concatenate(clips), {"nfe": nfe}
 
 
-def measure_latency(generator: Generator, prompt: str, seed: int, seconds: float, recipe: SamplingRecipe,
-                    repeats: int) -> dict[str, float]:
-    """Batch-1 latency after one warm-up call: the median of `repeats` calls, in total and per component.
-    Every call encodes its prompt (the text cache is emptied first): a served prompt is usually new."""
+def latency_call(generator: Generator, prompt: str, seed: int, seconds: float, recipe: SamplingRecipe
+                 ) -> Callable[[], dict[str, float]]:
+    """One batch-1 generation, timed in total and per component (its generator's timings). Every call encodes
+    its prompt (the text cache is emptied first): a served prompt is usually new."""
 
-    def timed() -> dict[str, float]:
+    def call() -> dict[str, float]:
         generator.text_encoder.clear()
         return generator.generate([prompt], seconds, [seed], recipe)[1]
+    return call
 
-    timed()
-    runs = [timed() for _ in range(repeats)]
-    return {f"latency_{part}_ms": float(np.median([r[f"{part}_ms"] for r in runs]))
-            for part in ("text", "sample", "decode")} | {"latency_ms": float(np.median([r["total_ms"] for r in runs]))}
+
+def median_latency(timings: Sequence[dict[str, float]]) -> dict[str, float]:
+    """latency_ms and latency_{text,sample,decode}_ms: the medians over timed calls."""
+    return {f"latency_{part}_ms": float(np.median([t[f"{part}_ms"] for t in timings]))
+            for part in ("text", "sample", "decode")} | {
+        "latency_ms": float(np.median([t["total_ms"] for t in timings]))}
 
 
 def upmix_all(upmixer: Upmixer, mono: np.ndarray, batch: int) -> np.ndarray:
@@ -366,8 +383,9 @@ def measure_upmix(upmixer: Upmixer, clip: np.ndarray, repeats: int) -> float:
 
 def speed(latency: dict[str, float], nfe: float, seconds: float, reference_ms: float,
           upmix_ms: float) -> dict[str, float]:
+    """A run's speed numbers; `reference_ms`: the reference run's latency in the rounds that timed this run."""
     return latency | {"nfe": nfe, "rtf": seconds / (latency["latency_ms"] / 1e3),
-                      "speedup_vs_base": reference_ms / latency["latency_ms"],
+                      "reference_latency_ms": reference_ms, "speedup_vs_base": reference_ms / latency["latency_ms"],
                       "upmix_ms": upmix_ms, "latency_stereo_ms": latency["latency_ms"] + upmix_ms}
 
 
@@ -544,25 +562,27 @@ def check_runs(ctx: StageContext, runs: Sequence[EvalRun]) -> None:
 
 
 class Models:
-    """The models under evaluation, loaded one at a time, and the clips they generate for the test prompts,
-    each set saved to the checkpoint folder as soon as it exists and read back on a rerun."""
+    """The models under evaluation and the clips they generate for the test prompts, each set saved to the
+    checkpoint folder as soon as it exists and read back on a rerun. Besides the reference run's model (timed
+    beside every other), one model is in memory at a time."""
 
-    def __init__(self, ctx: StageContext, test: EvalSet, device: torch.device):
+    def __init__(self, ctx: StageContext, test: EvalSet, device: torch.device, reference_stage: str):
         self.ctx, self.p, self.test, self.device = ctx, ctx.params.evaluate, test, device
-        self._stage: str | None = None
-        self._generator: Generator | None = None
+        self.reference_stage = reference_stage
+        self._loaded: dict[str, Generator] = {}
 
     def generator(self, stage: str) -> Generator:
-        if stage != self._stage:
-            self._generator = None  # one model in memory at a time
+        if stage not in self._loaded:
+            for other in [s for s in self._loaded if s != self.reference_stage]:
+                del self._loaded[other]
             files = model_files(self.ctx.root, stage)
             generator = Generator.load(files["model_dir"], vae_dir=files["vae"],
                                        encode_dir=files["latent_stats"].parent, device=self.device)
             if generator.sample_rate != self.test.sample_rate:
                 raise InputError(f"{files['latent_stats']}: the model writes {generator.sample_rate} Hz, the test "
                                  f"clips are {self.test.sample_rate} Hz")
-            self._stage, self._generator = stage, generator
-        return self._generator
+            self._loaded[stage] = generator
+        return self._loaded[stage]
 
     def clips(self, key: str, stage: str, recipe: SamplingRecipe, seeds: Sequence[int]
               ) -> tuple[np.ndarray, dict[str, float]]:
@@ -571,25 +591,45 @@ class Models:
             self.generator(stage), self.test.prompts, seeds, self.p.seconds, recipe, self.p.batch, key))
 
     def run(self, run: EvalRun) -> tuple[np.ndarray, dict[str, float]]:
-        """The run's clips (a clip per prompt and seed), NFE and batch-1 latency."""
-        def make() -> tuple[np.ndarray, dict[str, float]]:
-            generator = self.generator(run.stage)
-            audio, info = generate_set(generator, self.test.prompts, self.p.seeds, self.p.seconds, run.recipe,
-                                       self.p.batch, run.label)
-            return audio, info | measure_latency(generator, self.test.prompts[0], self.p.seeds[0], self.p.seconds,
-                                                 run.recipe, self.p.latency_repeats)
-        return cached(self.ctx.checkpoint_dir, f"run-{run.label}", make)
+        """The run's clips (a clip per prompt and seed) and NFE."""
+        return self.clips(f"run-{run.label}", run.stage, run.recipe, self.p.seeds)
+
+    def latency_call(self, run: EvalRun) -> Callable[[], dict[str, float]]:
+        return latency_call(self.generator(run.stage), self.test.prompts[0], self.p.seeds[0], self.p.seconds,
+                            run.recipe)
 
 
-def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, info: dict[str, float],
-              budget_ms: float, reference_ms: float, upmix_ms: float
+def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repeats: int, cache: Path
+              ) -> dict[str, tuple[dict[str, float], float]]:
+    """Per run label: its batch-1 latency, and the reference run's median over the same rounds. Each run takes
+    turns with the reference run (a warm-up round, then `repeats` rounds of reference, run), so that the
+    ratio of the two holds while the machine's load changes from run to run; the reference run is timed
+    alone. Each run's numbers are saved to `cache` as soon as they exist and read back on a rerun."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    progress = Progress("evaluate: timing", len(runs), unit="run", every_s=0.0)
+    for k, run_ in enumerate(runs):
+        if run_.label not in done:
+            calls = {reference.label: models.latency_call(reference), run_.label: models.latency_call(run_)}
+            timings = take_turns(calls, 1 + repeats)
+            done[run_.label] = {"latency": median_latency(timings[run_.label][1:]),
+                                "reference_ms": median_latency(timings[reference.label][1:])["latency_ms"]}
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            tmp.replace(cache)
+        progress.update(k + 1, latency_ms=done[run_.label]["latency"]["latency_ms"],
+                        speedup=done[run_.label]["reference_ms"] / done[run_.label]["latency"]["latency_ms"])
+    return {label: (d["latency"], d["reference_ms"]) for label, d in done.items()}
+
+
+def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, nfe: float,
+              latency: dict[str, float], budget_ms: float, reference_ms: float, upmix_ms: float
               ) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
     """The run with N candidates per clip, N as many as fit `budget_ms` (generating and scoring each, at
     batch 1) up to max_candidates, the best by the selection score kept: (entry, chosen clips, a note), or
     (None, None, note) when a second candidate does not fit."""
     p = models.p
     scores = [scorer.selection_scores(audio)]
-    per_candidate_ms = info["latency_ms"] + scorer.score_ms
+    per_candidate_ms = latency["latency_ms"] + scorer.score_ms
     n = min(p.best_of_n.max_candidates, int(budget_ms // per_candidate_ms))
     if n < 2:
         return None, None, (f"best of N for {run.label}: one candidate ({per_candidate_ms:.0f} ms) fills the budget "
@@ -602,9 +642,9 @@ def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, i
         scores.append(scorer.selection_scores(candidate))
     pick = adherence.best_candidates(np.stack(scores, axis=1))
     chosen = np.stack([candidates[j][i] for i, j in enumerate(pick)])
-    latency = {k: n * v for k, v in info.items() if k.startswith("latency_")}
+    latency = {k: n * v for k, v in latency.items()}
     latency["latency_ms"] += n * scorer.score_ms
-    entry = (scorer.score(chosen) | speed(latency, n * info["nfe"], p.seconds, reference_ms, upmix_ms)
+    entry = (scorer.score(chosen) | speed(latency, n * nfe, p.seconds, reference_ms, upmix_ms)
              | {"candidates": float(n), "latency_score_ms": n * scorer.score_ms})
     how = ("CLAP score" if scorer.text is not None else
            "tempo/key adherence (what the table's tempo and key columns measure: they improve by construction)")
@@ -645,21 +685,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
     real_sides = side_embeddings(embedder, test.stereo, test.sample_rate) if len(test.stereo) >= 2 else None
     stereo_scores, upmixed = score_stereo(upmixer, embedder, real_sides, test, p)
     upmix_ms = measure_upmix(upmixer, test.prompt_audio[:1], p.latency_repeats)
-    models = Models(ctx, test, device)
+    by_label = {r.label: r for r in p.runs}
+    models = Models(ctx, test, device, reference_stage=by_label[p.reference_run].stage)
 
     progress = Progress("evaluate", len(p.runs), unit="run", every_s=0.0)
     generated = {}
     for k, run_ in enumerate(p.runs):
         generated[run_.label] = models.run(run_)
-        progress.update(k + 1, latency_ms=generated[run_.label][1]["latency_ms"])
-    reference_ms = generated[p.reference_run][1]["latency_ms"]
+        progress.update(k + 1)
+    timed = time_runs(models, p.runs, by_label[p.reference_run], p.latency_repeats,
+                      ctx.checkpoint_dir / LATENCY_FILE)
+    reference_ms = timed[p.reference_run][0]["latency_ms"]
 
-    scorer.set_baseline(generated[p.reference_run][0])
+    scorer.set_baseline(generated[p.reference_run][0], p.reference_run)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for run_ in p.runs:
         audio, info = generated[run_.label]
-        latency = {k: v for k, v in info.items() if k.startswith("latency_")}
-        entry = scorer.score(audio, run_.label) | speed(latency, info["nfe"], p.seconds, reference_ms, upmix_ms)
+        latency, paired_ms = timed[run_.label]
+        entry = scorer.score(audio, run_.label) | speed(latency, info["nfe"], p.seconds, paired_ms, upmix_ms)
         results.setdefault(run_.name, {})[str(run_.recipe.steps)] = entry
         print(f"evaluate: {run_.label}: " + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if v is not None),
               flush=True)
@@ -667,13 +710,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     comparisons = compare_runs(p.compare, {r.label: results[r.name][str(r.recipe.steps)] for r in p.runs},
                                scorer.draw_fads)
 
-    by_label = {r.label: r for r in p.runs}
     scaled: dict[str, dict[str, dict[str, Any]]] = {}
     notes = []
     for label in p.best_of_n.runs:
         run_ = by_label[label]
-        entry, chosen, note = best_of_n(models, scorer, run_, *generated[label],
-                                        p.best_of_n.latency_budget_ms or reference_ms, reference_ms, upmix_ms)
+        audio, info = generated[label]
+        latency, paired_ms = timed[label]
+        entry, chosen, note = best_of_n(models, scorer, run_, audio, info["nfe"], latency,
+                                        p.best_of_n.latency_budget_ms or reference_ms, paired_ms, upmix_ms)
         notes.append(note)
         if entry is not None:
             scaled.setdefault(f"{run_.name}_best_of_n", {})[str(run_.recipe.steps)] = entry
@@ -693,7 +737,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     notes = [f"{len(test.prompts)} prompts x {len(p.seeds)} seeds, {p.seconds:g} s clips at {test.sample_rate} Hz, "
              f"against {len(test.reference)} real test clips; embedding {embedder.name}.",
              f"Latency: batch 1, warm, median of {p.latency_repeats} runs on {device.type} with "
-             f"{torch.get_num_threads()} threads; text encoding, sampling and VAE decode included. "
+             f"{torch.get_num_threads()} threads; text encoding, sampling and VAE decode included. Each run took "
+             f"turns with {p.reference_run}: speedup_vs_base is the ratio of the two over the same rounds. "
              "RTF = seconds of audio per second of latency.",
              "With few clips FAD is biased upwards: compare runs at equal counts only."
              + ("" if scorer.text is not None else " On this (non-CLAP) embedding FAD, MMD and PRDC compare our "
@@ -732,14 +777,15 @@ def compare_runs(pairs: Sequence[tuple[str, str]], entries: dict[str, dict[str, 
                  draw_fads: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """For each pair (a, b) of run labels: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread (both
     sets resampled by the same draws of prompts; null without draws), and latency_ratio = latency(a) /
-    latency(b). Negative fad_diff: a scores better; |fad_diff| below ~2 fad_diff_std is within noise."""
+    latency(b), each taken relative to the reference run timed beside it (the ratio of their speed-ups).
+    Negative fad_diff: a scores better; |fad_diff| below ~2 fad_diff_std is within noise."""
     out = []
     for a, b in pairs:
         paired = a in draw_fads and b in draw_fads
         out.append({"a": a, "b": b, "fad_a": entries[a]["fad"], "fad_b": entries[b]["fad"],
                     "fad_diff": entries[a]["fad"] - entries[b]["fad"],
                     "fad_diff_std": float((draw_fads[a] - draw_fads[b]).std(ddof=1)) if paired else None,
-                    "latency_ratio": entries[a]["latency_ms"] / entries[b]["latency_ms"]})
+                    "latency_ratio": entries[b]["speedup_vs_base"] / entries[a]["speedup_vs_base"]})
     return out
 
 

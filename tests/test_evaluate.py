@@ -335,7 +335,9 @@ def test_compare_pairs_runs_on_the_same_resamples(evaluated):
     assert pair["fad_diff"] == pytest.approx(ase["fad"] - base["fad"])
     # The difference's draws are ase's minus the reference run's: the spread fad_vs_reference already has.
     assert pair["fad_diff_std"] == pytest.approx(ase["fad_vs_reference_std"])
-    assert pair["latency_ratio"] == pytest.approx(ase["latency_ms"] / base["latency_ms"])
+    # Each run's latency relative to the reference run timed beside it; base is the reference run.
+    assert pair["latency_ratio"] == pytest.approx(base["speedup_vs_base"] / ase["speedup_vs_base"])
+    assert pair["latency_ratio"] == pytest.approx(ase["latency_ms"] / ase["reference_latency_ms"])
     with pytest.raises(Exception, match="compare"):
         tiny_params(compare=[["ase/3", "presto_l/32"]])
 
@@ -343,14 +345,17 @@ def test_compare_pairs_runs_on_the_same_resamples(evaluated):
 def test_speed_bookkeeping(evaluated):
     metrics, _, _ = evaluated
     base, student, ase = metrics["base"]["3"], metrics["presto_s"]["2"], metrics["ase"]["3"]
-    assert base["speedup_vs_base"] == 1.0
+    assert base["speedup_vs_base"] == 1.0 and base["reference_latency_ms"] == base["latency_ms"]  # timed alone
     assert base["nfe"] == 6 and ase["nfe"] == 6  # CFG++: two evaluations per step
     assert student["nfe"] == 2  # consistency sampling, no guidance: one per step
-    assert student["speedup_vs_base"] == pytest.approx(base["latency_ms"] / student["latency_ms"])
+    # Against the reference run's median over the rounds it took turns with this run, not its own rounds.
+    assert student["speedup_vs_base"] == pytest.approx(student["reference_latency_ms"] / student["latency_ms"])
+    assert student["reference_latency_ms"] != base["latency_ms"]  # timed again, beside the student
     assert base["rtf"] == pytest.approx(1.0 / (base["latency_ms"] / 1e3))  # 1 s of audio
     best = metrics["presto_s_best_of_n"]["2"]
     assert best["candidates"] == 2 and best["nfe"] == 4
     assert best["latency_ms"] == pytest.approx(2 * student["latency_ms"] + best["latency_score_ms"])
+    assert best["reference_latency_ms"] == student["reference_latency_ms"]
 
 
 def test_rerun_resumes_from_the_checkpoint(evaluated):
@@ -358,6 +363,12 @@ def test_rerun_resumes_from_the_checkpoint(evaluated):
     # 3 runs + 1 best-of-N candidate set + 1 rho (rho 7 is the run itself) = 5; the first was saved before
     # the crash, so the rerun generates 4.
     assert rerun_generations == 4
+    # Each run's timings are kept beside the clips, for a rerun to read back instead of timing again.
+    metrics, ctx, _ = evaluated
+    saved = json.loads((ctx.checkpoint_dir / evaluate.LATENCY_FILE).read_text())
+    assert {k: v["latency"]["latency_ms"] for k, v in saved.items()} == {
+        "base/3": metrics["base"]["3"]["latency_ms"], "presto_s/2": metrics["presto_s"]["2"]["latency_ms"],
+        "ase/3": metrics["ase"]["3"]["latency_ms"]}
 
 
 def test_report_and_plots(evaluated):
