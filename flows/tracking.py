@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,7 @@ TAG_STAGE = "presto.stage"
 TAG_INVOCATION = "presto.invocation"
 TAG_FINGERPRINT = "presto.fingerprint"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_PROCESS = "presto.process"  # host:pid:start of the process running the stage, to tell when it is gone
 
 
 def _client():
@@ -55,6 +57,45 @@ def _process_start(pid: int) -> str:
 def _cmdline(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def this_process() -> str | None:
+    """host:pid:start time of this process (None without /proc): a pid alone may be recycled."""
+    try:
+        return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+    except OSError:
+        return None
+
+
+def is_gone(process: str) -> bool:
+    """Whether the process that `this_process()` named has ended; False for one on another host (unknowable)."""
+    host, pid, start = process.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    try:
+        return _process_start(int(pid)) != start
+    except (OSError, ValueError):
+        return True
+
+
+def end_dead_runs(exp_id: str, stage: str, keep: str | None) -> list[str]:
+    """Mark KILLED the runs of `stage` still RUNNING whose process is gone (a SIGKILL or the OOM killer leaves a
+    stage no chance to close its run), and their pipeline parent runs unless that is `keep` (the current
+    invocation's); returns the stage runs so ended."""
+    client = _client()
+    running = client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'RUNNING'")
+    ended = []
+    for run in running:
+        process = run.data.tags.get(TAG_PROCESS)
+        if process is None or not is_gone(process):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+        parent = run.data.tags.get(TAG_PARENT)
+        if parent and parent != keep and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, "KILLED")
+    return ended
 
 
 def invocation_id() -> str | None:
@@ -193,6 +234,11 @@ def start_stage_run(root: Path, stage: str, params: dict[str, Any], fingerprint:
     if invocation:
         parent = parent_run(exp_id, invocation)
         tags.update({TAG_INVOCATION: invocation, TAG_PARENT: parent})
+    if process := this_process():
+        tags[TAG_PROCESS] = process
+    for run_id in end_dead_runs(exp_id, stage, keep=parent):
+        print(f"MLflow: run {run_id} of stage {stage} was left RUNNING by a process that is gone: marked KILLED",
+              flush=True)
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     values = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
     for i in range(0, len(values), 100):  # MLflow caps a batch at 100 params

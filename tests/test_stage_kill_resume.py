@@ -91,6 +91,13 @@ def _resumed_from(root: Path) -> list[list[float]]:
                                       "order by step", run)] for run in runs]
 
 
+def _statuses(root: Path) -> list[str]:
+    """The status of each MLflow stage run, oldest first."""
+    db = sqlite3.connect(root / ".mlflow" / "mlflow.db")
+    return [s for (s,) in db.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                     "where t.key = 'presto.kind' and t.value = 'stage' order by r.start_time")]
+
+
 def test_killed_stage_resumes_and_a_changed_param_starts_fresh(tmp_path: Path) -> None:
     root = tmp_path
     make_encode_output(root / "artifacts")
@@ -137,5 +144,8 @@ def test_killed_stage_resumes_and_a_changed_param_starts_fresh(tmp_path: Path) -
 
     # What each run told MLflow when its workers started: A and B at step 0, C where A had got to.
     assert _resumed_from(root) == [[0.0], [0.0], [resumed, resumed]]
+    # A could not close its MLflow run; B found its process gone and marked it KILLED.
+    assert _statuses(root) == ["KILLED", "FAILED", "FINISHED"]
+    assert re.search(r"MLflow: run \w+ of stage train_dit was left RUNNING by a process that is gone", out_b)
     assert not (root / "checkpoints" / "train_dit").exists(), "a finished stage drops its checkpoints"
     assert not list((root / "artifacts").glob(".train_dit.*")), "A's temporary out folder is gone"
