@@ -290,6 +290,9 @@ def run(ctx: StageContext) -> dict[str, float]:
             name=ctx.fingerprint, storage_path=str(ctx.checkpoint_dir),
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Train's print patch copies each worker print to its logger, which Ray forwards too: every
+            # progress line came out twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     ), p.max_failures)
     if result.checkpoint is None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from ray import cloudpickle
 
+from flows.dispatch import ray_init
 from presto.config import Params, load_params
 from presto.data.latents import (
     LATENT_STATS,
@@ -115,8 +116,7 @@ def tiny_params(**train_dit) -> Params:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
-             log_to_driver=True)
+    ray_init()  # the stages' own local Ray
     yield
     ray.shutdown()
 
