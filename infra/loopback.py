@@ -580,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     topo = Topology(state, project, args.worker_cpus, args.object_store_mb * 2**20)
     report: dict[str, Any] = {"state": str(state), "project": str(project), "runs": [], "ok": False}
     signal.signal(signal.SIGTERM, _stop)
+    # A shell starts a background job (`... &`, nohup) with SIGINT ignored and Python keeps it so: --hold would
+    # then never end on Ctrl-C or `kill -INT`, and its topology would outlive it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         topo.up()

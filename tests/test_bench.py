@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,3 +107,18 @@ def test_layer_sensitivity_ratios_see_exactly_the_blocks_a_budget_drops():
     assert fraction == pytest.approx((2 + 4 + 4) / 12)
     assert mean == pytest.approx((ratios["reroute", 2][0] + 2) / 3)
     assert sens.parse_schedule("28,24@1.5").budgets == [28, 24]
+
+
+def test_eval_timing_repeats_both_ways_of_timing(tmp_path: Path, capsys):
+    from test_evaluate import make_artifacts, tiny_params
+
+    make_artifacts(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump(mode="json"), sort_keys=False))
+    found = bench_module("eval_timing").main(["--root", str(tmp_path), "--runs", "base/3", "ase/3", "--trials", "2",
+                                              "--threads", "1"])
+    assert found["paired"]["base/3"] == found["separate"]["base/3"] == [1.0, 1.0]  # the reference over itself
+    assert all(len(v) == 2 and min(v) > 0 for by_run in found.values() for v in by_run.values())
+    ((header, rows),) = tables(capsys.readouterr().out)
+    assert header == ["timing", "run", "speed-up per trial", "spread"]
+    assert [r[:2] for r in rows] == [["paired", "base/3"], ["paired", "ase/3"], ["separate", "base/3"],
+                                     ["separate", "ase/3"]]
