@@ -52,7 +52,7 @@ def ray_init() -> None:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.quiet_worker_logs"},
+                 runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "flows.dispatch.quiet_worker_logs"},
                  configure_logging=False)
 
 
