@@ -27,22 +27,21 @@ from stages import evaluate  # noqa: E402
 from stages.base import StageContext  # noqa: E402
 
 
-def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trials: int
+def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trials: int, folder: Path
              ) -> dict[str, dict[str, list[float]]]:
-    """{"paired" | "separate": {run label: its speed-up in each trial}}."""
+    """{"paired" | "separate": {run label: its speed-up in each trial}}; `folder` takes time_runs' files."""
     out: dict[str, dict[str, list[float]]] = {"paired": {}, "separate": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for trial in range(trials):
-            timed = evaluate.time_runs(models, runs, reference, repeats, Path(tmp) / f"latency-{trial}.json")
-            for label, (latency, reference_ms) in timed.items():
-                out["paired"].setdefault(label, []).append(reference_ms / latency["latency_ms"])
-            alone = {}
-            for run in runs:
-                call = models.latency_call(run)
-                call()  # warm-up
-                alone[run.label] = evaluate.median_latency([call() for _ in range(repeats)])["latency_ms"]
-            for label, ms in alone.items():
-                out["separate"].setdefault(label, []).append(alone[reference.label] / ms)
+    for trial in range(trials):
+        timed = evaluate.time_runs(models, runs, reference, repeats, folder / f"latency-{trial}.json")
+        for label, (latency, reference_ms) in timed.items():
+            out["paired"].setdefault(label, []).append(reference_ms / latency["latency_ms"])
+        alone = {}
+        for run in runs:
+            call = models.latency_call(run)
+            call()  # warm-up
+            alone[run.label] = evaluate.median_latency([call() for _ in range(repeats)])["latency_ms"]
+        for label, ms in alone.items():
+            out["separate"].setdefault(label, []).append(alone[reference.label] / ms)
     return out
 
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         ctx = StageContext(name="evaluate", params=params, root=args.root, out_dir=Path(tmp), checkpoint_dir=Path(tmp),
                            fingerprint="bench", tracker=None)
         models = evaluate.Models(ctx, evaluate.load_test_set(args.root, p), torch.device("cpu"), runs[0].stage)
-        found = speedups(models, runs, runs[0], p.latency_repeats, args.trials)
+        found = speedups(models, runs, runs[0], p.latency_repeats, args.trials, Path(tmp))
     print(f"# {args.root}: {args.trials} trials, median of {p.latency_repeats} after a warm-up, "
           f"{args.threads} threads\n")
     print(table(found))

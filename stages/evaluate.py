@@ -81,7 +81,7 @@ from presto.models.upmixer import MODEL_DIR as UPMIXER_MODEL
 from presto.models.upmixer import Upmixer, load_upmixer, upmix
 from presto.training.progress import Progress
 from stages.base import StageContext
-from stages.runner import _check_metrics, flatten_metrics
+from stages.runner import _check_metrics, flatten_metrics, write_json
 from stages.caption import CAPTIONS
 from stages.train_dit import VAE_MODEL
 from stages.train_stereo import stereo_clip
@@ -613,9 +613,7 @@ def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repea
             timings = take_turns(calls, 1 + repeats)
             done[run_.label] = {"latency": median_latency(timings[run_.label][1:]),
                                 "reference_ms": median_latency(timings[reference.label][1:])["latency_ms"]}
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            tmp.replace(cache)
+            write_json(cache, done)
         progress.update(k + 1, latency_ms=done[run_.label]["latency"]["latency_ms"],
                         speedup=done[run_.label]["reference_ms"] / done[run_.label]["latency"]["latency_ms"])
     return {label: (d["latency"], d["reference_ms"]) for label, d in done.items()}

@@ -75,12 +75,16 @@ def read_run_record(root: Path, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_run_record(root: Path, stage: str, record: dict[str, Any]) -> None:
-    path = root / RUN_RECORDS / f"{stage}.json"
+def write_json(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, whole or not at all (written beside it, then renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def write_run_record(root: Path, stage: str, record: dict[str, Any]) -> None:
+    write_json(root / RUN_RECORDS / f"{stage}.json", record)
 
 
 def _check_metrics(stage: str, metrics: Any, prefix: str = "") -> dict[str, Any]:
