@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from presto.config import load_params  # noqa: E402
-from presto.data.shards import MANIFEST, ShardReader  # noqa: E402
+from presto.data.shards import MANIFEST, ShardReader, read_clip_manifest  # noqa: E402
 from presto.models.checkpoint import load_model  # noqa: E402
 from presto.models.vae import AudioVAE  # noqa: E402
 from presto.training.vae_trainer import codec_comparison, latent_values_per_second  # noqa: E402
-from stages.train_vae import MODEL, read_clip_rows, whole_clips  # noqa: E402
+from stages.train_vae import MODEL, whole_clips  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -73,7 +73,7 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     p, sr = params.train_vae, params.shared.sample_rate
     vae, _ = load_model(REPO / "artifacts" / "train_vae" / MODEL)
-    rows = read_clip_rows(REPO / "artifacts" / "augment" / MANIFEST, REPO / "artifacts", sr)
+    rows = read_clip_manifest(REPO / "artifacts" / "augment" / MANIFEST, REPO / "artifacts", sr, "augment")
     test = [r for r in rows if r["split"] == "test"]
     audio = whole_clips(ShardReader(REPO / "artifacts"), test, vae.hop_length)
 

@@ -205,7 +205,21 @@ class EncodeParams(Section):
     resources: Resources
 
 
-class TrainDiTParams(Section):
+class LatentLoopParams(Section):
+    """A training loop over random crops of encode's latents, validated at fixed noise levels (train_dit, and
+    the presto_l and ase fine-tunes)."""
+
+    batch: PositiveInt
+    crop_frames: PositiveInt
+    steps: PositiveInt
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    val_every: PositiveInt
+    val_clips: PositiveInt
+    val_sigmas: Annotated[list[PositiveFloat], Field(min_length=1)]
+
+
+class TrainDiTParams(LatentLoopParams):
     """The base EDM DiT and its training (stages/train_dit.py, presto/training/dit_trainer.py)."""
 
     model: DiTConfig
@@ -221,14 +235,6 @@ class TrainDiTParams(Section):
     weight_decay: NonNegFloat
     grad_clip: PositiveFloat
     ema_decay: Annotated[float, Field(ge=0, lt=1)]
-    batch: PositiveInt
-    crop_frames: PositiveInt
-    steps: PositiveInt
-    log_every: PositiveInt
-    ckpt_every: PositiveInt
-    val_every: PositiveInt
-    val_clips: PositiveInt
-    val_sigmas: Annotated[list[PositiveFloat], Field(min_length=1)]
     samples: NonNegInt
     sample_seconds: PositiveFloat
     sample_recipe: SamplingRecipe
@@ -248,19 +254,11 @@ class TrainDiTParams(Section):
         return self
 
 
-class LayerDroppingParams(Section):
+class LayerDroppingParams(LatentLoopParams):
     """What the presto_l stage and its plain-ASE baseline, the ase stage, share (stages/presto_l.py,
     presto/distill/presto_l.py): one recipe and data, so the two differ only in what Presto-L changes."""
 
     recipe: LayerDropRecipe
-    batch: PositiveInt
-    crop_frames: PositiveInt
-    steps: PositiveInt
-    log_every: PositiveInt
-    ckpt_every: PositiveInt
-    val_every: PositiveInt
-    val_clips: PositiveInt
-    val_sigmas: Annotated[list[PositiveFloat], Field(min_length=1)]
     resources: Resources
 
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from presto.data.analysis import MIREX_KEY_SCORE, describe, key_relation, tempo_agrees
 from presto.data.caption import MAX_CAPTION_CHARS, clean_text, make_captions, metadata_bpm, metadata_key
-from presto.data.shards import MANIFEST, ShardReader, read_manifest, write_manifest
+from presto.data.shards import MANIFEST, ShardReader, read_clip_manifest, write_manifest
 from presto.errors import InputError
 from stages.base import StageContext, parallel_map
 
 CAPTIONS = "captions.jsonl"
 # Clips per parallel task: amortises a task's start-up; results do not depend on it, so it is no param.
 CHUNK_CLIPS = 64
-REQUIRED_KEYS = ("clip_id", "split", "shard", "index", "sample_rate")
 SAMPLE_CLIPS = 20  # clips whose captions are shown in the tracker
 MAX_REPORTED_DISAGREEMENTS = 200
 
@@ -89,29 +87,13 @@ def _disagreements(rows: Sequence[Mapping[str, Any]], analyses: Sequence[Mapping
     return "\n".join(shown) + "\n"
 
 
-def _read_rows(manifest: Path, artifacts: Path, sample_rate: int) -> list[dict[str, Any]]:
-    if not manifest.is_file():
-        raise InputError(f"{manifest}: augment's manifest not found; run the augment stage first")
-    rows = read_manifest(manifest)
-    if not rows:
-        raise InputError(f"{manifest}: no clips to caption")
-    for line, row in enumerate(rows, 1):
-        missing = [k for k in REQUIRED_KEYS if k not in row]
-        if missing:
-            raise InputError(f"{manifest}:{line}: row lacks {', '.join(missing)}")
-        if row["sample_rate"] != sample_rate:
-            raise InputError(f"{manifest}:{line}: clip at {row['sample_rate']} Hz but shared.sample_rate = "
-                             f"{sample_rate}; rerun prepare and augment")
-    for shard in sorted({r["shard"] for r in rows}):
-        if not (artifacts / shard).is_file():
-            raise InputError(f"{manifest}: shard {shard} not found under {artifacts}")
-    return rows
-
-
 def run(ctx: StageContext) -> dict[str, float]:
     p = ctx.params.caption
     artifacts = ctx.root / "artifacts"
-    rows = _read_rows(ctx.upstream("augment") / MANIFEST, artifacts, ctx.params.shared.sample_rate)
+    manifest = ctx.upstream("augment") / MANIFEST
+    rows = read_clip_manifest(manifest, artifacts, ctx.params.shared.sample_rate, "augment")
+    if not rows:
+        raise InputError(f"{manifest}: no clips to caption")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 
     tasks = [CaptionTask(str(artifacts), rows[i:i + CHUNK_CLIPS], ctx.params.shared.seed, p.per_clip,

@@ -29,7 +29,7 @@ from presto.data.latents import (
     normalise_shard,
     save_text_shard,
 )
-from presto.data.shards import MANIFEST, ShardReader, read_manifest, write_manifest
+from presto.data.shards import MANIFEST, ShardReader, read_clip_manifest, read_manifest, write_manifest
 from presto.errors import InputError
 from presto.models.checkpoint import load_model
 from presto.models.vae import AudioVAE
@@ -37,7 +37,7 @@ from presto.text.condition import TextCondition
 from presto.text.encoder import load_text_encoder
 from presto.training.progress import Progress
 from stages.base import StageContext
-from stages.train_vae import MODEL, VAE_INFO, mono_clip, read_clip_rows
+from stages.train_vae import MODEL, VAE_INFO, mono_clip
 
 CAPTIONS = "captions.jsonl"
 # Upstream keys of the stereo copy, meaningless beside latents of the mono clip. The mono clip's own shard
@@ -161,7 +161,7 @@ def encode_text(ctx: StageContext, captions: list[str], device: torch.device) ->
 def run(ctx: StageContext) -> dict[str, float]:
     p = ctx.params.encode
     sr = ctx.params.shared.sample_rate
-    rows = read_clip_rows(ctx.upstream("augment") / MANIFEST, ctx.root / "artifacts", sr)
+    rows = read_clip_manifest(ctx.upstream("augment") / MANIFEST, ctx.root / "artifacts", sr, "augment")
     captions = read_captions(ctx.upstream("caption") / CAPTIONS, rows)
     device = torch.device("cuda" if p.resources.gpus > 0 else "cpu")
     vae = load_vae(ctx.upstream("train_vae"), sr, device)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from presto.data.latents import LATENT_STATS, LatentDataset, LatentStats
+from presto.data.latents import LatentDataset, check_latents_fit
 from presto.diffusion.edm import Denoiser
 from presto.distill.presto_l import (
     SCHEDULE_FILE,
@@ -64,17 +64,8 @@ def load_teacher(folder: Path, encode_dir: Path, device: torch.device) -> tuple[
     teacher, _ = load_model(folder / MODEL_DIR, device=device)
     if not isinstance(teacher, DiT):
         raise InputError(f"{folder / MODEL_DIR}: holds a {type(teacher).__name__}, not a DiT")
-    stats = LatentStats.load(encode_dir / LATENT_STATS)
-    if abs(stats.sigma_data - edm["sigma_data"]) > 1e-9:
-        raise InputError(f"{encode_dir / LATENT_STATS}: latents normalised to sigma_data {stats.sigma_data}, but "
-                         f"the teacher in {folder} was trained at {edm['sigma_data']}; rerun train_dit")
-    if stats.latent_channels != teacher.cfg.latent_channels:
-        raise InputError(f"{encode_dir / LATENT_STATS}: {stats.latent_channels} latent channels, the teacher in "
-                         f"{folder} reads {teacher.cfg.latent_channels}; rerun train_dit")
-    _, cond = LatentDataset(encode_dir, "train", caption="first")[0]
-    if cond.tokens.shape[-1] != teacher.cfg.text_dim:
-        raise InputError(f"{encode_dir}: text embeddings are {cond.tokens.shape[-1]}-d, the teacher in {folder} "
-                         f"reads {teacher.cfg.text_dim}-d; rerun train_dit")
+    check_latents_fit(encode_dir, sigma_data=edm["sigma_data"], latent_channels=teacher.cfg.latent_channels,
+                      text_dim=teacher.cfg.text_dim, model=f"the teacher in {folder}", fix="rerun train_dit")
     return teacher, edm
 
 

@@ -5,7 +5,7 @@ Importing this module is cheap (no torch): the CLI reads it for every command.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

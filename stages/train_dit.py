@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from presto.config import TrainDiTParams, bind_nested_sections
-from presto.data.latents import LATENT_STATS, LatentDataset, LatentStats, collate_latents
+from presto.data.latents import LatentDataset, LatentStats, check_latents_fit, collate_latents
 from presto.diffusion.edm import Denoiser
 from presto.errors import InputError, PrestoError
 from presto.generation import EDM_FILE, MODEL_DIR
@@ -208,17 +208,9 @@ def _report(trainer: DiTTrainer, step: int, summary: dict[str, float], rank: int
 
 def check_inputs(p: TrainDiTParams, encode_dir: Path, vae_dir: Path, samples: int) -> LatentStats:
     """Fail in seconds, before Ray Train starts, when encode's output does not fit the params."""
-    stats = LatentStats.load(encode_dir / LATENT_STATS)
-    if abs(stats.sigma_data - p.sigma_data) > 1e-9:
-        raise InputError(f"{encode_dir / LATENT_STATS}: latents normalised to sigma_data {stats.sigma_data}, but "
-                         f"train_dit.sigma_data = {p.sigma_data}; rerun encode or fix the params")
-    if stats.latent_channels != p.model.latent_channels:
-        raise InputError(f"{encode_dir / LATENT_STATS}: {stats.latent_channels} latent channels, but "
-                         f"train_dit.model.latent_channels = {p.model.latent_channels}")
-    _, cond = LatentDataset(encode_dir, "train", caption="first")[0]
-    if cond.tokens.shape[-1] != p.model.text_dim:
-        raise InputError(f"{encode_dir}: text embeddings are {cond.tokens.shape[-1]}-d, but "
-                         f"train_dit.model.text_dim = {p.model.text_dim}")
+    stats = check_latents_fit(encode_dir, sigma_data=p.sigma_data, latent_channels=p.model.latent_channels,
+                              text_dim=p.model.text_dim, model="train_dit's params (train_dit.sigma_data, .model)",
+                              fix="rerun encode or fix the params")
     if samples > 0 and not (vae_dir / "config.json").is_file():
         raise InputError(f"{vae_dir}: the VAE that decodes samples is missing; run train_vae first")
     return stats

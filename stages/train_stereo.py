@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from presto.config import TrainStereoParams
-from presto.data.shards import MANIFEST, ShardReader, read_manifest
+from presto.data.shards import MANIFEST, ShardReader, check_shards, read_clip_manifest
 from presto.errors import InputError, ParamsError
 from presto.eval.stereo import stereo_comparison
 from presto.models.checkpoint import save_model
@@ -33,20 +33,12 @@ from stages.base import StageContext
 
 
 def stereo_rows(manifest: Path, artifacts: Path, sample_rate: int) -> list[dict[str, Any]]:
-    """prepare's manifest rows that have a stereo clip, checked: at the expected rate, shards on disk."""
-    if not manifest.is_file():
-        raise InputError(f"{manifest}: prepare's manifest not found; run the prepare stage first")
-    rows = [r for r in read_manifest(manifest) if "stereo_shard" in r]
+    """prepare's manifest rows that have a stereo clip, checked as read_clip_manifest does, stereo shards too."""
+    rows = [r for r in read_clip_manifest(manifest, artifacts, sample_rate, "prepare") if "stereo_shard" in r]
     if not rows:
         raise InputError(f"{manifest}: no stereo clips; the upmixer needs stereo sources in the corpus and "
                          "prepare.keep_stereo: true")
-    for row in rows:
-        if row["sample_rate"] != sample_rate:
-            raise InputError(f"{manifest}: clip {row['clip_id']} at {row['sample_rate']} Hz but "
-                             f"shared.sample_rate = {sample_rate}; rerun prepare")
-    for shard in sorted({r["stereo_shard"] for r in rows}):
-        if not (artifacts / shard).is_file():
-            raise InputError(f"{manifest}: shard {shard} not found under {artifacts}")
+    check_shards(manifest, rows, artifacts, key="stereo_shard")
     return rows
 
 

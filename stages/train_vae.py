@@ -20,7 +20,7 @@ from torch import Tensor
 
 from presto.audio.plots import save_spectrograms
 from presto.config import TrainVAEParams
-from presto.data.shards import MANIFEST, ShardReader, read_manifest
+from presto.data.shards import MANIFEST, ShardReader, read_clip_manifest
 from presto.errors import InputError, ParamsError
 from presto.models.audio_losses import reconstruction_metrics
 from presto.models.checkpoint import save_model
@@ -38,24 +38,6 @@ from stages.base import StageContext
 
 MODEL = "model"
 VAE_INFO = "vae.json"
-
-
-def read_clip_rows(manifest: Path, artifacts: Path, sample_rate: int) -> list[dict[str, Any]]:
-    """augment's manifest rows, checked: present, at the expected rate, shards on disk."""
-    if not manifest.is_file():
-        raise InputError(f"{manifest}: augment's manifest not found; run the augment stage first")
-    rows = read_manifest(manifest)
-    for line, row in enumerate(rows, 1):
-        missing = [k for k in ("clip_id", "split", "shard", "index", "sample_rate", "seconds") if k not in row]
-        if missing:
-            raise InputError(f"{manifest}:{line}: row lacks {', '.join(missing)}")
-        if row["sample_rate"] != sample_rate:
-            raise InputError(f"{manifest}:{line}: clip at {row['sample_rate']} Hz but shared.sample_rate = "
-                             f"{sample_rate}; rerun prepare and augment")
-    for shard in sorted({r["shard"] for r in rows}):
-        if not (artifacts / shard).is_file():
-            raise InputError(f"{manifest}: shard {shard} not found under {artifacts}")
-    return rows
 
 
 def mono_clip(reader: ShardReader, row: dict[str, Any]) -> np.ndarray:
@@ -120,7 +102,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     p = ctx.params.train_vae
     sr = ctx.params.shared.sample_rate
     artifacts = ctx.root / "artifacts"
-    rows = read_clip_rows(ctx.upstream("augment") / MANIFEST, artifacts, sr)
+    rows = read_clip_manifest(ctx.upstream("augment") / MANIFEST, artifacts, sr, "augment")
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"][:p.val_clips]
     if not train or not val:

@@ -19,28 +19,12 @@ from presto.data.augment import (
 from presto.data.shards import ShardReader, ShardWriter, read_manifest, write_manifest
 from stages import augment as augment_stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 CLIP = 2.0
 L = int(SR * CLIP)
-
-
-class Recorder:
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path, subdir=None):
-        pass
-
-    def log_text(self, text, name):
-        pass
-
-    def set_tags(self, tags):
-        pass
 
 
 def tone(freq: float, seconds: float, amp: float = 0.3) -> np.ndarray:
@@ -111,7 +95,7 @@ def augmented(tmp_path_factory):
     root = tmp_path_factory.mktemp("augment")
     prepare_rows = make_prepare(root)
     ctx = StageContext(name="augment", params=make_params(), root=root, out_dir=root / "artifacts" / "augment",
-                       checkpoint_dir=root / "ckpt", fingerprint="test", tracker=Recorder())
+                       checkpoint_dir=root / "ckpt", fingerprint="test", tracker=RecordingTracker())
     metrics = augment_stage.run(ctx)
     rows = read_manifest(ctx.out_dir / "manifest.jsonl")
     reader = ShardReader(root / "artifacts")

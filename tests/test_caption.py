@@ -27,6 +27,7 @@ from presto.data.shards import ShardWriter, read_manifest, write_manifest
 from presto.errors import InputError
 from stages import caption as caption_stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -180,23 +181,6 @@ def test_invalid_arguments_are_named():
 
 # --- the stage -------------------------------------------------------------------------------------------
 
-class Recorder:
-    def __init__(self):
-        self.metrics, self.texts = [], {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append(dict(metrics))
-
-    def log_artifact(self, path, subdir=None):
-        pass
-
-    def log_text(self, text, name):
-        self.texts[name] = text
-
-    def set_tags(self, tags):
-        pass
-
-
 def chord_pulse(seconds: float = 4.0) -> np.ndarray:
     """D major chords (I IV V I, two beats each) struck every 0.5 s: 120 bpm in D major."""
     chords = [[50, 62, 66, 69], [55, 62, 67, 71], [57, 61, 64, 69], [50, 62, 66, 69]]
@@ -235,7 +219,7 @@ LABELS = [
 def context(root: Path) -> StageContext:
     return StageContext(name="caption", params=load_params(REPO / "params.yaml"), root=root,
                         out_dir=root / "out", checkpoint_dir=root / "ckpt", fingerprint="test",
-                        tracker=Recorder())
+                        tracker=RecordingTracker())
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +254,7 @@ def test_stage_agreement_metrics(staged):
     assert metrics["key_agreement"] == pytest.approx(1 / 3)
     assert metrics["key_agreement_relative"] == pytest.approx(1.0)
     assert metrics["key_mirex_score"] == pytest.approx((1.0 + 0.5 + 0.3) / 3)
-    assert ctx.tracker.metrics == [metrics]
+    assert ctx.tracker.metrics == [(None, metrics)]
     report = ctx.tracker.texts["label_disagreements.tsv"]
     assert "c2\ttempo\t96" in report and "c1" not in report  # an octave off is not reported
     assert "Hymn for organ" in ctx.tracker.texts["captions_sample.txt"]

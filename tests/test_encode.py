@@ -22,6 +22,7 @@ from presto.models.vae import AudioVAE, VAEConfig
 from presto.text.encoder import TextEncoderConfig, load_text_encoder
 from stages import encode as stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -40,12 +41,7 @@ CLIPS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def direct_encode(vae: AudioVAE, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,23 +52,6 @@ def direct_encode(vae: AudioVAE, audio: np.ndarray) -> tuple[torch.Tensor, torch
     frames = len(audio) // vae.hop_length
     ctx = vae.context_frames
     return mean[0, :, ctx:ctx + frames], std[0, :, ctx:ctx + frames]
-
-
-class Recorder:
-    def __init__(self):
-        self.metrics, self.artifacts = [], []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append(dict(metrics))
-
-    def log_artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def log_text(self, text, name):
-        pass
-
-    def set_tags(self, tags):
-        pass
 
 
 def clip_audio(k: int, samples: int) -> np.ndarray:
@@ -113,7 +92,7 @@ def tiny_params():
 
 def context(root: Path) -> StageContext:
     return StageContext(name="encode", params=tiny_params(), root=root, out_dir=root / "out",
-                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=Recorder())
+                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=RecordingTracker())
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from recording_tracker import RecordingTracker
 from test_upmixer import TINY_UPMIXER
 
 from presto.config import Params, load_params
@@ -206,28 +207,6 @@ def tiny_params(**changes) -> Params:
     return Params.model_validate(raw)
 
 
-class RecordingTracker:
-    def __init__(self):
-        self.artifacts, self.models, self.tags, self.metrics = [], [], {}, {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics |= metrics
-
-    def log_artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def log_text(self, text, name):
-        pass
-
-    def set_tags(self, tags):
-        self.tags |= tags
-
-    def log_model(self, name, files, config, alias):
-        # The bundle exists only during the call: record what it holds.
-        held = {k: sorted(p.name for p in Path(v).iterdir()) for k, v in files.items()}
-        self.models.append({"name": name, "files": held, "config": config, "alias": alias})
-
-
 def context(root: Path, params: Params) -> StageContext:
     out = root / "out"
     out.mkdir(exist_ok=True)
@@ -388,7 +367,7 @@ def test_report_and_plots(evaluated):
                    for r in records)
     rho = json.loads((ctx.out_dir / evaluate.PLOT_RHO).read_text())
     assert [r["rho"] for r in rho] == [1.0, 7.0]
-    assert set(ctx.tracker.artifacts) >= {evaluate.REPORT, evaluate.PLOT_QUALITY}
+    assert set(ctx.tracker.artifact_files()) >= {evaluate.REPORT, evaluate.PLOT_QUALITY}
 
 
 def test_models_registered_with_one_best(evaluated):

@@ -21,12 +21,7 @@ COND = torch.tensor([1.0, -0.5, 2.0])
 UNCOND = torch.zeros(3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def _column(v, x):

@@ -29,29 +29,11 @@ from presto.data.prepare import (
 from presto.data.shards import ShardReader, read_manifest
 from stages import prepare as prepare_stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000  # shared.sample_rate in these tests
 CLIP = 2.0  # shared.clip_seconds
-
-
-class Recorder:
-    """Stands in for the MLflow tracker."""
-
-    def __init__(self):
-        self.metrics, self.artifacts, self.texts, self.tags = [], [], [], {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path, subdir=None):
-        self.artifacts.append(Path(path).name)
-
-    def log_text(self, text, name):
-        self.texts.append((name, text))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
 
 
 def make_params(corpus: Path, **prepare):
@@ -66,7 +48,7 @@ def make_params(corpus: Path, **prepare):
 
 def context(root: Path, params, name="prepare") -> StageContext:
     return StageContext(name=name, params=params, root=root, out_dir=root / "artifacts" / name,
-                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=Recorder())
+                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=RecordingTracker())
 
 
 def music(seed: int, seconds: float, sr: int) -> np.ndarray:
@@ -332,7 +314,7 @@ def test_stereo_clips_share_the_cut_and_the_gain(prepared):
 
 
 def test_the_rejects_report_is_logged(prepared):
-    assert {"rejects.txt", "rejects.jsonl"} <= set(prepared["ctx"].tracker.artifacts)
+    assert {"rejects.txt", "rejects.jsonl"} <= set(prepared["ctx"].tracker.artifact_files())
 
 
 def test_the_stage_is_deterministic(prepared, tmp_path):

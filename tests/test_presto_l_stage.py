@@ -18,31 +18,11 @@ from presto.models.checkpoint import load_model, save_model
 from presto.models.dit import DiT, DiTConfig
 from stages import presto_l as stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 from test_train_dit_stage import C, D, make_encode_output  # the synthetic encode output train_dit's test uses
 
 REPO = Path(__file__).resolve().parents[1]
 EDM = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
-
-
-class ListTracker:
-    def __init__(self):
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.tags: dict[str, str] = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path, subdir=None):
-        pass
-
-    def log_text(self, text, name):
-        pass
-
-    def set_tags(self, tags):
-        self.tags |= tags
-
-    def steps_with(self, key: str) -> list[int | None]:
-        return [step for step, m in self.metrics if key in m]
 
 
 @pytest.fixture(autouse=True)
@@ -77,13 +57,13 @@ def tiny_params(**layer_dropping) -> Params:
     return Params.model_validate(raw)
 
 
-def context(root: Path, name: str, params: Params, out: str, tracker: ListTracker) -> StageContext:
+def context(root: Path, name: str, params: Params, out: str, tracker: RecordingTracker) -> StageContext:
     return StageContext(name=name, params=params, root=root, out_dir=root / out,
                         checkpoint_dir=root / "checkpoints" / name / "fp", fingerprint="fp", tracker=tracker)
 
 
 def test_presto_l_writes_a_budgeted_model_and_its_schedule(project: Path):
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     metrics = stage.run(context(project, "presto_l", tiny_params(), "out", tracker))
     model, cfg = load_model(project / "out" / MODEL_DIR)
     teacher, _ = load_model(project / "artifacts" / "train_dit" / MODEL_DIR)
@@ -103,21 +83,21 @@ def test_presto_l_writes_a_budgeted_model_and_its_schedule(project: Path):
 
 
 def test_ase_is_the_same_recipe_without_budget_conditioning_or_reroute(project: Path):
-    metrics = stage.run(context(project, "ase", tiny_params(), "out", ListTracker()))
+    metrics = stage.run(context(project, "ase", tiny_params(), "out", RecordingTracker()))
     _, cfg = load_model(project / "out" / MODEL_DIR)
     assert not cfg.budget_conditioning
     schedule = load_schedule(project / "out" / stage.SCHEDULE_FILE)
     assert not schedule.reroute and schedule.budgets == [4, 4, 3, 2, 2]  # presto_l's: equal compute
     assert metrics["train_self_distill"] == 0  # ase.nu_self_distill = 0 in params.yaml
-    config = stage.fine_tune_config(context(project, "ase", tiny_params(), "x", ListTracker()))
+    config = stage.fine_tune_config(context(project, "ase", tiny_params(), "x", RecordingTracker()))
     assert config.mode == "ase" and config.recipe == tiny_params().layer_dropping.recipe
     with pytest.raises(ValueError, match="not 'train_dit'"):
-        stage.fine_tune_config(context(project, "train_dit", tiny_params(), "x", ListTracker()))
+        stage.fine_tune_config(context(project, "train_dit", tiny_params(), "x", RecordingTracker()))
 
 
 def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path, monkeypatch):
     params = tiny_params()
-    stage.run(context(project, "presto_l", params, "straight", ListTracker()))
+    stage.run(context(project, "presto_l", params, "straight", RecordingTracker()))
     (project / "checkpoints").rename(project / "checkpoints-straight")
 
     step_once = PrestoLTrainer.train_step
@@ -129,10 +109,10 @@ def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path
 
     monkeypatch.setattr(PrestoLTrainer, "train_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="worker lost"):
-        stage.run(context(project, "presto_l", params, "crashed", ListTracker()))
+        stage.run(context(project, "presto_l", params, "crashed", RecordingTracker()))
     monkeypatch.setattr(PrestoLTrainer, "train_step", step_once)
 
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     metrics = stage.run(context(project, "presto_l", params, "resumed", tracker))
     assert metrics["resumed_from_step"] == 2
     assert tracker.steps_with("train_loss") == [4]  # steps 1-2 were not trained again
@@ -158,4 +138,4 @@ def test_inputs_that_do_not_fit_are_named(project: Path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             stage.run(context(project, "presto_l", tiny_params(resources={"cpus": 1, "gpus": 1}), "out",
-                              ListTracker()))
+                              RecordingTracker()))

@@ -33,7 +33,8 @@ from presto.models.disc_head import DiscHead, DiscHeadConfig
 from presto.models.dit import DiT, DiTBlock, DiTConfig, layer_schedule
 from presto.text.condition import TextCondition
 from stages import presto_ls as stage
-from test_presto_l_stage import EDM, ListTracker, context, project  # noqa: F401 (project is a fixture)
+from recording_tracker import RecordingTracker
+from test_presto_l_stage import EDM, context, project  # noqa: F401 (project is a fixture)
 from test_presto_s import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def write_presto_l(root: Path, mode: str = "presto_l") -> DiT:
 
 def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project: Path):
     presto_l = write_presto_l(project)
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     params = tiny_params()
     with EveryBlock() as blocks:
         metrics = stage.run(context(project, "presto_ls", params, "out", tracker))
@@ -222,7 +223,7 @@ def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project
     torch.testing.assert_close(torch.from_numpy(same), torch.from_numpy(audio))
 
 
-class CrashingTracker(ListTracker):
+class CrashingTracker(RecordingTracker):
     """A tracker whose run dies when iteration `at` reports: the worker lost after that iteration trained."""
 
     def __init__(self, at: int):
@@ -238,14 +239,14 @@ class CrashingTracker(ListTracker):
 def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path):
     write_presto_l(project)
     params = tiny_params()
-    stage.run(context(project, "presto_ls", params, "straight", ListTracker()))
+    stage.run(context(project, "presto_ls", params, "straight", RecordingTracker()))
     (project / "checkpoints").rename(project / "checkpoints-straight")
 
     with pytest.raises(RuntimeError, match="worker lost"):
         stage.run(context(project, "presto_ls", params, "crashed", CrashingTracker(at=4)))
     assert [p.name for p in (project / "checkpoints" / "presto_ls" / "fp").iterdir()] == ["step-00000002"]
 
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     metrics = stage.run(context(project, "presto_ls", params, "resumed", tracker))
     assert metrics["resumed_from_iteration"] == 2
     assert tracker.steps_with("loss/dsm") == [4]  # iterations 1-2 were not trained again
@@ -260,4 +261,4 @@ def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path
 def test_an_ase_model_is_refused(project: Path):
     write_presto_l(project, mode="ase")
     with pytest.raises(InputError, match="plain-ASE ablation"):
-        stage.run(context(project, "presto_ls", tiny_params(), "out", ListTracker()))
+        stage.run(context(project, "presto_ls", tiny_params(), "out", RecordingTracker()))

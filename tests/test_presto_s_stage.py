@@ -20,7 +20,8 @@ from presto.models.checkpoint import load_model
 from presto.models.dit import DiT
 from presto.training.state import latest_state
 from stages import presto_s as stage
-from test_presto_l_stage import EDM, ListTracker, context, project  # noqa: F401 (project is a fixture)
+from recording_tracker import RecordingTracker
+from test_presto_l_stage import EDM, context, project  # noqa: F401 (project is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def tiny_params() -> Params:
 
 
 def test_presto_s_writes_a_generator_and_its_recipe(project: Path):
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     metrics = stage.run(context(project, "presto_s", tiny_params(), "out", tracker))
     generator, cfg = load_model(project / "out" / MODEL_DIR)
     teacher, teacher_cfg = load_model(project / "artifacts" / "train_dit" / MODEL_DIR)
@@ -70,7 +71,7 @@ def test_presto_s_writes_a_generator_and_its_recipe(project: Path):
 
 def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path, monkeypatch):
     params = tiny_params()
-    stage.run(context(project, "presto_s", params, "straight", ListTracker()))
+    stage.run(context(project, "presto_s", params, "straight", RecordingTracker()))
     (project / "checkpoints").rename(project / "checkpoints-straight")
 
     step_once = PrestoS.train_step
@@ -82,10 +83,10 @@ def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path
 
     monkeypatch.setattr(PrestoS, "train_step", crash_at_iteration_3)
     with pytest.raises(RuntimeError, match="worker lost"):
-        stage.run(context(project, "presto_s", params, "crashed", ListTracker()))
+        stage.run(context(project, "presto_s", params, "crashed", RecordingTracker()))
     monkeypatch.setattr(PrestoS, "train_step", step_once)
 
-    tracker = ListTracker()
+    tracker = RecordingTracker()
     metrics = stage.run(context(project, "presto_s", params, "resumed", tracker))
     assert metrics["resumed_from_iteration"] == 2
     assert tracker.steps_with("loss/dsm") == [4]  # iterations 1-2 were not trained again
@@ -106,7 +107,7 @@ def test_a_nan_stops_the_stage_and_keeps_the_last_good_checkpoint(project: Path,
 
     monkeypatch.setattr(presto_s_module, "dmd_gradient", nan_on_second_generator_turn)
     with pytest.raises(DivergenceError, match=r"generator turn, step 4: loss/dmd = nan.*last good checkpoint"):
-        stage.run(context(project, "presto_s", tiny_params(), "out", ListTracker()))
+        stage.run(context(project, "presto_s", tiny_params(), "out", RecordingTracker()))
     assert latest_state(project / "checkpoints" / "presto_s" / "fp").name == "step-00000002"
     assert not (project / "out" / MODEL_DIR).exists()
 

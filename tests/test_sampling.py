@@ -40,13 +40,7 @@ DIFFUSION_SAMPLERS = ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde
 STOCHASTIC = ["dpmpp_2m_sde", "dpmpp_3m_sde", "consistency"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: on a shared 2-core machine extra intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def _column(sigma, x):

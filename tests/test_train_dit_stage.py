@@ -160,6 +160,9 @@ def test_inputs_that_do_not_fit_fail_before_training(tmp_path: Path):
     stage.check_inputs(p, encode, vae, samples=1)
     with pytest.raises(InputError, match="text_dim"):
         stage.check_inputs(p.model_copy(update={"model": p.model.model_copy(update={"text_dim": 8})}), encode, vae, 0)
+    with pytest.raises(InputError, match="latent channels, but latent_channels = 99 for train_dit's params"):
+        stage.check_inputs(p.model_copy(update={"model": p.model.model_copy(update={"latent_channels": 99})}),
+                           encode, vae, 0)
     stats = json.loads((encode / LATENT_STATS).read_text())
     (encode / LATENT_STATS).write_text(json.dumps(stats | {"sigma_data": 1.0}))
     with pytest.raises(InputError, match="sigma_data"):

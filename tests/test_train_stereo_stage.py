@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train_vae import Recorder
-from test_upmixer import FFT_SIZES, SR, TINY_DISC, TINY_UPMIXER, one_thread, panned  # noqa: F401 (a fixture)
+from recording_tracker import RecordingTracker
+from test_upmixer import FFT_SIZES, SR, TINY_DISC, TINY_UPMIXER, panned
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -28,6 +28,8 @@ from presto.models.upmixer import Upmixer, load_upmixer
 from presto.models.vae import AudioVAE
 from stages import train_stereo as stage
 from stages.base import StageContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = 4096  # samples (0.256 s)
@@ -63,7 +65,7 @@ def context(root: Path, params) -> StageContext:
     out = root / "out"
     out.mkdir(exist_ok=True)
     return StageContext(name="train_stereo", params=params, root=root, out_dir=out,
-                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=Recorder())
+                        checkpoint_dir=root / "ckpt", fingerprint="test", tracker=RecordingTracker())
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +97,7 @@ def test_stage_writes_a_loadable_upmixer_and_metrics(straight):
 
 def test_stage_logs_curves_validation_and_audio_triples(straight):
     ctx, _ = straight
-    steps: dict[int, dict] = {}
-    for step, m in ctx.tracker.metrics:
-        steps.setdefault(step, {}).update(m)
+    steps = ctx.tracker.by_step()
     assert set(steps) == {2, 4, 6}
     assert "loss_d" not in steps[2] and "loss_d" in steps[4]  # the discriminator starts after 2 steps
     assert "val_upmix_side_stft_distance" in steps[4] and "val_dual_mono_side_stft_distance" not in steps[4]

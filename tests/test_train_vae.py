@@ -27,6 +27,7 @@ from presto.training.vae_trainer import (
 )
 from stages import train_vae as stage
 from stages.base import StageContext
+from recording_tracker import RecordingTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -36,13 +37,7 @@ TINY_DISC = STFTDiscriminatorConfig(channels=4, fft_sizes=[64, 128], dilations=[
 FFT_SIZES = [64, 128, 256]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only add overhead, and one thread keeps runs bit-for-bit repeatable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def tones(n: int, samples: int, seed: int = 0) -> torch.Tensor:
@@ -174,23 +169,6 @@ def test_codec_comparison_keys_and_a_perfect_baseline():
 
 # --- the stage ---------------------------------------------------------------------------------------------
 
-class Recorder:
-    def __init__(self):
-        self.metrics, self.artifacts, self.tags = [], [], {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_artifact(self, path, subdir=None):
-        self.artifacts.append((subdir, sorted(p.name for p in Path(path).iterdir())))
-
-    def log_text(self, text, name):
-        pass
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-
 CLIP = 4096  # samples (0.256 s)
 
 
@@ -220,7 +198,7 @@ def context(root: Path, params) -> StageContext:
     out = root / "out"
     out.mkdir(exist_ok=True)
     return StageContext(name="train_vae", params=params, root=root, out_dir=out, checkpoint_dir=root / "ckpt",
-                        fingerprint="test", tracker=Recorder())
+                        fingerprint="test", tracker=RecordingTracker())
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +225,7 @@ def test_stage_writes_a_loadable_model_and_metrics(straight):
 
 def test_stage_logs_curves_validation_and_examples(straight):
     ctx, _ = straight
-    steps: dict[int, dict] = {}
-    for step, m in ctx.tracker.metrics:
-        steps.setdefault(step, {}).update(m)
+    steps = ctx.tracker.by_step()
     assert set(steps) == {2, 4, 6}
     assert "loss_d" not in steps[2] and "loss_d" in steps[4]  # the discriminator starts after 2 steps
     assert "val_vae_mel_l1" in steps[4] and "val_resample_mel_l1" not in steps[4]

@@ -34,13 +34,7 @@ TINY_DISC = STFTDiscriminatorConfig(channels=4, fft_sizes=[64, 128], dilations=[
 FFT_SIZES = [64, 128, 256]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions: threads only add overhead (and on a loaded machine, much more than that).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def panned(n: int, samples: int, seed: int = 0) -> torch.Tensor:

@@ -228,6 +228,24 @@ class LatentDataset(Dataset):
         return latents, self.text(shard, index)
 
 
+def check_latents_fit(encode_dir: Path, *, sigma_data: float, latent_channels: int, text_dim: int, model: str,
+                      fix: str) -> LatentStats:
+    """encode's latents and text embeddings fit a model (`model` names it in messages, `fix` says what to do):
+    checked in seconds, before any training starts."""
+    stats = LatentStats.load(encode_dir / LATENT_STATS)
+    if abs(stats.sigma_data - sigma_data) > 1e-9:
+        raise InputError(f"{encode_dir / LATENT_STATS}: latents normalised to sigma_data {stats.sigma_data}, but "
+                         f"sigma_data = {sigma_data} for {model}; {fix}")
+    if stats.latent_channels != latent_channels:
+        raise InputError(f"{encode_dir / LATENT_STATS}: {stats.latent_channels} latent channels, but "
+                         f"latent_channels = {latent_channels} for {model}; {fix}")
+    _, cond = LatentDataset(encode_dir, "train", caption="first")[0]
+    if cond.tokens.shape[-1] != text_dim:
+        raise InputError(f"{encode_dir}: text embeddings are {cond.tokens.shape[-1]}-d, but text_dim = {text_dim} "
+                         f"for {model}; {fix}")
+    return stats
+
+
 def collate_latents(items: list[tuple[Tensor, TextCondition]]) -> tuple[Tensor, TextCondition]:
     """Stack latents [B, C, T] and pad token states to the longest caption of the batch (mask False there)."""
     lengths = {tuple(z.shape) for z, _ in items}

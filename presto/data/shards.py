@@ -22,7 +22,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from presto.errors import InputError
+
 MANIFEST = "manifest.jsonl"
+CLIP_KEYS = ("clip_id", "split", "shard", "index", "sample_rate", "seconds")
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
@@ -111,6 +114,30 @@ def write_manifest(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_clip_manifest(manifest: Path, artifacts: Path, sample_rate: int, made_by: str) -> list[dict[str, Any]]:
+    """`made_by`'s manifest, checked before any work starts: present, every row with CLIP_KEYS and at
+    `sample_rate`, every shard on disk under `artifacts`."""
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: {made_by}'s manifest not found; run the {made_by} stage first")
+    rows = read_manifest(manifest)
+    for line, row in enumerate(rows, 1):
+        missing = [k for k in CLIP_KEYS if k not in row]
+        if missing:
+            raise InputError(f"{manifest}:{line}: row lacks {', '.join(missing)}")
+        if row["sample_rate"] != sample_rate:
+            raise InputError(f"{manifest}:{line}: clip at {row['sample_rate']} Hz but shared.sample_rate = "
+                             f"{sample_rate}; rerun the stages up to {made_by}")
+    check_shards(manifest, rows, artifacts)
+    return rows
+
+
+def check_shards(manifest: Path, rows: list[dict[str, Any]], artifacts: Path, key: str = "shard") -> None:
+    """Every shard the rows name (under `key`) is a file under `artifacts`."""
+    for shard in sorted({r[key] for r in rows}):
+        if not (artifacts / shard).is_file():
+            raise InputError(f"{manifest}: shard {shard} not found under {artifacts}")
 
 
 def iter_split(rows: list[dict[str, Any]], split: str) -> Iterator[dict[str, Any]]:
