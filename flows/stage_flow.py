@@ -60,7 +60,8 @@ def _run_stage(stage: str, root: str) -> dict[str, Any]:
     except BaseException:
         tracking.end_stage_run(tracker, ok=False)
         raise
-    tracker.log_metrics(runner.flatten_metrics(metrics) | {"stage_seconds": time.time() - start})
+    tracker.log_metrics(runner.flatten_metrics(metrics) | {"stage_seconds": time.time() - start},
+                        step=runner.summary_step(metrics))
     metrics_file = root_path / spec.metrics
     if metrics_file.is_file():
         tracker.log_artifact(metrics_file)

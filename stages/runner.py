@@ -117,6 +117,12 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
+def summary_step(metrics: dict[str, Any]) -> int:
+    """The MLflow step of a stage's summary metrics: its last training step ("steps" or "iterations"), so that
+    each curve ends with the final value rather than starting with it (a step-less metric lands at step 0)."""
+    return int(metrics.get("steps", metrics.get("iterations", 0)))
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
     if final.exists():

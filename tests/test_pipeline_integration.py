@@ -17,6 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
+from stages import runner
 from stages.specs import STAGES
 
 ALL_STAGES = [s.name for s in STAGES]
@@ -107,7 +108,7 @@ def _runs(root: Path) -> list[dict]:
     for run_id, name, status in rows:
         tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
         params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
-        metrics = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (run_id,)).fetchall()}
+        metrics = dict(db.execute("select key, max(step) from metrics where run_uuid=? group by key", (run_id,)).fetchall())
         out.append({"id": run_id, "name": name, "status": status, "tags": tags, "params": params,
                     "metrics": metrics})
     return out
@@ -146,7 +147,7 @@ def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
     assert not (project / "mlruns").exists()  # the registered models' files are in the store, not the cwd
     assert {f"presto-{name}" for name, _, _, _ in EVALUATED} <= registered
     evaluate = next(r for r in _runs(project) if r["name"] == "evaluate")
-    assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"]
+    assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"].keys()
 
 
 def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:
@@ -168,6 +169,9 @@ def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None
         assert all(any(k == d or k.startswith(f"{d}.") for k in run["params"]) for d in declared), \
             "every param the stage reads, dotted"
         assert "stage_seconds" in run["metrics"]
+        # The summary closes the training curves: logged at the last step, not at MLflow's default step 0.
+        summary = json.loads((project / "artifacts" / name / "metrics.json").read_text())
+        assert run["metrics"]["stage_seconds"] == runner.summary_step(summary), name
     assert stages["augment"]["tags"]["presto.upstream.prepare"] == stages["prepare"]["id"]
     assert stages["caption"]["tags"]["presto.upstream.augment"] == stages["augment"]["id"]
 

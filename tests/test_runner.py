@@ -13,7 +13,7 @@ from flows.dispatch import InfraError
 from flows.stage_flow import _is_infra_failure
 from presto.config import load_params, parse_params
 from presto.errors import DivergenceError, ParamsError
-from stages.runner import _move_into_place, fingerprint, resolve_template
+from stages.runner import _move_into_place, fingerprint, resolve_template, summary_step
 from stages.specs import get
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,12 @@ def test_only_infrastructure_failures_are_retried(error: Exception, retried: boo
 
 def test_success_is_not_retried() -> None:
     assert _is_infra_failure(None, None, Completed(data=1)) is False
+
+
+def test_summary_is_logged_at_the_last_training_step() -> None:
+    assert summary_step({"steps": 400.0, "val_loss": 0.5}) == 400
+    assert summary_step({"iterations": 100.0, "generator_updates": 20.0}) == 100
+    assert summary_step({"fad": 7.5}) == 0
 
 
 def test_metrics_may_nest_and_flatten_for_mlflow() -> None:
