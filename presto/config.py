@@ -259,6 +259,7 @@ class LayerDroppingParams(LatentLoopParams):
     presto/distill/presto_l.py): one recipe and data, so the two differ only in what Presto-L changes."""
 
     recipe: LayerDropRecipe
+    seed: NonNegInt | None  # the fine-tune's batches and noise; None: shared.seed (validation noise always is)
     resources: Resources
 
 

@@ -10,6 +10,8 @@ what Presto-L changes and evaluate measures the improvement instead of assuming 
 The student starts as the teacher (train_dit's EMA model) plus, for presto_l, a zero-initialised budget
 embedding, so step 0 is the teacher run at the scheduled budgets. The validation loss of the EMA weights at
 their scheduled budgets is logged beside the full-depth teacher's at the same noise levels and noise.
+`layer_dropping.seed` (null: shared.seed) seeds the fine-tune alone: the validation noise stays shared.seed's,
+so a repeat of both fine-tunes at another seed says how much of a gap between them is the training's own luck.
 
 Resumption: every `ckpt_every` steps a training state goes to ctx.checkpoint_dir (keyed by the stage's
 input fingerprint); a rerun after a crash resumes from the newest one, and since every random draw is a
@@ -72,7 +74,8 @@ def load_teacher(folder: Path, encode_dir: Path, device: torch.device) -> tuple[
 def run(ctx: StageContext) -> dict[str, float]:
     p = ctx.params.layer_dropping
     cfg = fine_tune_config(ctx)
-    seed = ctx.params.shared.seed
+    val_seed = ctx.params.shared.seed  # the same validation noise for every fine-tune seed, so losses compare
+    train_seed = val_seed if p.seed is None else p.seed
     if p.resources.gpus > 0 and not torch.cuda.is_available():
         raise InputError(f"layer_dropping.resources.gpus = {p.resources.gpus} but CUDA is not available here")
     device = torch.device("cuda" if p.resources.gpus > 0 else "cpu")
@@ -83,7 +86,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     sigma_data = edm["sigma_data"]
     student = student_from_teacher(teacher, cfg.budget_conditioning)
     trainer = PrestoLTrainer(student, cfg, teacher if cfg.nu_self_distill > 0 else None, sigma_data=sigma_data,
-                             device=device, seed=seed)
+                             device=device, seed=train_seed)
     ctx.tracker.set_tags({"mode": cfg.mode, "budgets": json.dumps(trainer.schedule.budgets)})
 
     start, summary = 0, {}
@@ -97,14 +100,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     train = LatentDataset(encode_dir, "train")
     val = _validation_batches(_open_val(encode_dir), p.val_clips, p.crop_frames, p.batch)
     if val:
-        teacher_scores = validation_loss(Denoiser(teacher, sigma_data), val, p.val_sigmas, seed, device)
+        teacher_scores = validation_loss(Denoiser(teacher, sigma_data), val, p.val_sigmas, val_seed, device)
         summary |= {f"teacher_{k}": v for k, v in teacher_scores.items()}
 
     progress = Progress(ctx.name, p.steps, start=start)
     window: list[dict[str, float]] = []
     for step in range(start, p.steps):
-        latents, cond = _batch(train, batch_indices(step, p.batch, len(train), seed, 0, 1), p.crop_frames, seed,
-                               0, step)
+        latents, cond = _batch(train, batch_indices(step, p.batch, len(train), train_seed, 0, 1), p.crop_frames,
+                               train_seed, 0, step)
         window.append(trainer.train_step(step, latents, cond))
         done = step + 1
         progress.update(done, loss=window[-1]["loss"])
@@ -115,7 +118,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             window = []
         if val and (done % p.val_every == 0 or done == p.steps):
             budgeted = BudgetedDenoiser(trainer.ema_model(), sigma_data, trainer.schedule)
-            scores = validation_loss(budgeted, val, p.val_sigmas, seed, device)
+            scores = validation_loss(budgeted, val, p.val_sigmas, val_seed, device)
             ctx.tracker.log_metrics(scores, step=done)
             summary |= scores
         if done % p.ckpt_every == 0 and done < p.steps:

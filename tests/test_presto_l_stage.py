@@ -139,3 +139,16 @@ def test_inputs_that_do_not_fit_are_named(project: Path):
         with pytest.raises(InputError, match="CUDA"):
             stage.run(context(project, "presto_l", tiny_params(resources={"cpus": 1, "gpus": 1}), "out",
                               RecordingTracker()))
+
+
+def test_the_fine_tune_seed_repeats_the_fine_tune_on_the_same_validation_noise(project: Path):
+    shared = tiny_params().shared.seed
+    runs = {}
+    for name, seed in [("default", None), ("same", shared), ("other", shared + 1)]:
+        metrics = stage.run(context(project, "presto_l", tiny_params(seed=seed), name, RecordingTracker()))
+        model, _ = load_model(project / name / MODEL_DIR)
+        runs[name] = metrics, model.state_dict()
+    weights = {name: torch.cat([w.flatten() for w in state.values()]) for name, (_, state) in runs.items()}
+    torch.testing.assert_close(weights["same"], weights["default"])  # null means shared.seed
+    assert not torch.allclose(weights["other"], weights["default"])  # other batches and noise
+    assert runs["other"][0]["teacher_val_loss"] == runs["default"][0]["teacher_val_loss"]  # same val noise
