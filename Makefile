@@ -19,7 +19,7 @@ demo: setup
 	dvc metrics show
 
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 setup: system $(VENV)/.installed
 

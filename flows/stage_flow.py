@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Imported on loading, not on first use, so that they load while the temporary Prefect server boots.
+import mlflow  # noqa: F401
+import ray  # noqa: F401
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 

@@ -150,6 +150,18 @@ def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
     assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"].keys()
 
 
+def test_each_stage_is_a_completed_prefect_flow_run_with_all_its_logs(project: Path) -> None:
+    """No PREFECT_API_URL: each stage process reported to a temporary server of its own, on the project's
+    database, and its last log lines (written after the stage's work) reached it before the server stopped."""
+    db = sqlite3.connect(project / ".prefect" / "prefect.db")
+    runs = db.execute("select id, name, state_type from flow_run").fetchall()
+    assert sorted((name, state) for _, name, state in runs) == sorted((s, "COMPLETED") for s in ALL_STAGES)
+    for run_id, name, _ in runs:
+        logs = [m for (m,) in db.execute("select message from log where flow_run_id=? order by timestamp", (run_id,))]
+        assert any(m.startswith(f"stage {name} done in ") for m in logs), (name, logs)
+        assert logs[-1] == "Finished in state Completed()", (name, logs)
+
+
 def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:
     runs = _runs(project)
     stages = {r["name"]: r for r in runs if r["tags"].get("presto.kind") == "stage"}
