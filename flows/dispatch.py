@@ -54,6 +54,11 @@ def ray_init() -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "flows.dispatch.quiet_worker_logs"},
                  configure_logging=False)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":  # its servers would listen on every interface
+            ray.shutdown()
+            raise RuntimeError(f"the local Ray came up on {node_ip}, not 127.0.0.1: ray was imported before "
+                               "flows.env.set_defaults() could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
 
 
 def _unwrap(err: BaseException) -> BaseException:

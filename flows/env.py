@@ -30,10 +30,23 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+# A local Ray (no RAY_ADDRESS) keeps all of its traffic on loopback. Ray 2.60 turns the node address 127.0.0.1
+# into the machine's routable one, and its gRPC servers then listen on every interface, unless this switch is
+# off: it is named for Windows and macOS but read on every platform, once, when ray is imported. A cluster
+# driver must not have it (its node address has to be one the cluster can reach).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def set_defaults() -> None:
+    """OFFLINE_ENV, and LOCAL_RAY_ENV unless RAY_ADDRESS names a cluster; anything already exported wins."""
+    defaults = OFFLINE_ENV | ({} if os.environ.get("RAY_ADDRESS") else LOCAL_RAY_ENV)
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
 def configure(root: Path) -> None:
     """Defaults only: anything the user exported (a Prefect server, an MLflow server, a Ray cluster) wins."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    set_defaults()
     os.environ.setdefault("PRESTO_ROOT", str(root))
     # Prefect without a server runs an ephemeral one whose database lives in PREFECT_HOME.
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))

@@ -23,7 +23,8 @@ process of the topology is left and that its ports are free. `--report FILE` wri
 
 Linux only. Ray 2.60 rewrites a node address of 127.0.0.1 into the machine's routable address, so the nodes
 use the loopback aliases 127.0.0.2 and 127.0.0.3 (Linux routes all of 127/8 over `lo`); the servers bind
-127.0.0.1. Ray's gRPC servers still listen on every interface: Ray has no setting to narrow that.
+127.0.0.1. Ray's gRPC servers still listen on every interface: they narrow to loopback only for a node whose
+address is 127.0.0.1 (a stage's local Ray, flows/env.py).
 """
 
 from __future__ import annotations

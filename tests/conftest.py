@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.env import OFFLINE_ENV
+from flows.env import set_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
-for _k, _v in OFFLINE_ENV.items():
-    os.environ.setdefault(_k, _v)
+set_defaults()  # before any test module imports ray
 
 
 # The files that take most of the suite's time (measured with --durations): collected first, so that under

@@ -1,0 +1,56 @@
+"""The local Ray a stage starts when RAY_ADDRESS is unset: all of it on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Starts the stages' local Ray the way `presto stage` does (defaults set before ray is imported), runs a task,
+# and prints every TCP/UDP address that this process or any process under it (GCS, raylet, agents, workers)
+# listens on.
+LISTENERS = """
+import json, os, psutil
+from flows.env import set_defaults
+set_defaults()
+import ray
+from flows.dispatch import ray_init
+ray_init()
+node = ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote())
+pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+bound = sorted({c.laddr.ip for c in psutil.net_connections("inet")
+                if c.pid in pids and (c.status == psutil.CONN_LISTEN or c.type == 2)})
+print(json.dumps({"node": node, "bound": bound, "processes": len(pids)}))
+ray.shutdown()
+"""
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base | env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_local_ray_listens_on_loopback_only() -> None:
+    done = _python(LISTENERS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["node"] == "127.0.0.1"
+    assert seen["processes"] >= 3  # the driver, GCS and raylet at least: the walk found Ray's processes
+    assert seen["bound"], "no listening socket found at all"
+    assert set(seen["bound"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, seen["bound"]
+
+
+def test_a_local_ray_on_the_routable_address_is_refused() -> None:
+    # Ray's switch turned back on, as when ray is imported before the defaults are set.
+    done = _python(LISTENERS, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    if done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["node"] == "127.0.0.1":
+        pytest.skip("this machine has no routable address for Ray to move to")
+    assert done.returncode != 0
+    assert "not 127.0.0.1" in done.stderr and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in done.stderr
