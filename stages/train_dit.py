@@ -260,6 +260,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from stages.process_group import BoundStoreTorchConfig
+
     p = ctx.params.train_dit
     encode_dir, vae_dir = ctx.upstream("encode"), ctx.upstream("train_vae") / VAE_MODEL
     check_inputs(p, encode_dir, vae_dir, p.samples)
@@ -276,6 +278,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = _fit(lambda: TorchTrainer(
         train_worker,
         train_loop_config=config,
+        torch_config=BoundStoreTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

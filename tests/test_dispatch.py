@@ -1,4 +1,4 @@
-"""The local Ray a stage starts when RAY_ADDRESS is unset: all of it on loopback."""
+"""The local Ray a stage starts when RAY_ADDRESS is unset, and train_dit's process group on it: all on loopback."""
 
 from __future__ import annotations
 
@@ -31,6 +31,38 @@ ray.shutdown()
 """
 
 
+# train_dit's process group: two Ray Train workers on BoundStoreTorchConfig (as the stage runs them), each
+# summing its rank + 1 over the group and writing down every address its own process listens on meanwhile.
+PROCESS_GROUP = """
+import json, os, sys, tempfile
+from flows.env import set_defaults
+set_defaults()
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+from flows.dispatch import ray_init
+from stages.process_group import BoundStoreTorchConfig
+
+def loop(config):
+    import psutil, torch, torch.distributed as dist
+    total = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(total)
+    bound = sorted({c.laddr.ip for c in psutil.net_connections("inet")
+                    if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN})
+    with open(os.path.join(config["out"], f"{dist.get_rank()}.json"), "w") as f:
+        json.dump({"bound": bound, "sum": total.item(), "world": dist.get_world_size()}, f)
+
+ray_init()
+out = tempfile.mkdtemp()
+TorchTrainer(loop, train_loop_config={"out": out}, torch_config=BoundStoreTorchConfig(),
+             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+             run_config=ray.train.RunConfig(storage_path=out)).fit()
+print("WORKERS", json.dumps([json.load(open(os.path.join(out, f"{rank}.json"))) for rank in range(2)]))
+ray.shutdown()
+"""
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base | env, capture_output=True, text=True,
@@ -44,7 +76,20 @@ def test_the_local_ray_listens_on_loopback_only() -> None:
     assert seen["node"] == "127.0.0.1"
     assert seen["processes"] >= 3  # the driver, GCS and raylet at least: the walk found Ray's processes
     assert seen["bound"], "no listening socket found at all"
-    assert set(seen["bound"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, seen["bound"]
+    assert set(seen["bound"]) <= LOOPBACK, seen["bound"]
+
+
+def test_the_training_process_group_listens_on_loopback_only() -> None:
+    # torch's own rank-0 store would listen on "::" (every interface); the group must still form and work.
+    done = _python(PROCESS_GROUP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Ray Train prints its own lines to stdout too
+    workers = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("WORKERS "))[8:])
+    assert [w["world"] for w in workers] == [2, 2]
+    assert [w["sum"] for w in workers] == [3.0, 3.0]  # 1 + 2: the all-reduce went through the group
+    assert workers[0]["bound"], "no listening socket found in worker 0 (the store's host)"
+    for w in workers:
+        assert set(w["bound"]) <= LOOPBACK, w["bound"]
 
 
 def test_a_local_ray_on_the_routable_address_is_refused() -> None:
