@@ -19,7 +19,7 @@ import ray
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
 # Private to Ray Train: there is no public hook between choosing the master and the rendezvous.
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+from ray.train.torch.config import _is_backend_nccl, _set_torch_distributed_env_vars, _TorchBackend
 
 _bound: list[socket.socket] = []  # worker 0's listening socket, between the two calls Ray makes to it
 
@@ -32,7 +32,7 @@ def _listen() -> tuple[str, int]:
 
 
 def _join(backend: str, address: str, port: int, world_rank: int, world_size: int, timeout_s: int) -> None:
-    if backend == "nccl":  # as Ray Train does: a collective that times out fails instead of hanging
+    if _is_backend_nccl(backend):  # as Ray Train does: a collective that times out fails instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
     listen_fd = _bound.pop().detach() if world_rank == 0 else None  # the store takes the socket over

@@ -34,7 +34,7 @@ ray.shutdown()
 # train_dit's process group: two Ray Train workers on BoundStoreTorchConfig (as the stage runs them), each
 # summing its rank + 1 over the group and writing down every address its own process listens on meanwhile.
 PROCESS_GROUP = """
-import json, os, sys, tempfile
+import json, os, tempfile
 from flows.env import set_defaults
 set_defaults()
 import ray, ray.train
