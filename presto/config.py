@@ -263,8 +263,13 @@ class LayerDroppingParams(LatentLoopParams):
     resources: Resources
 
 
+# How a layer-dropping fine-tune differs from plain ASE: presto_l makes both of Presto-L's changes (the budget
+# embedding and the reroute to the last block), ase neither, embed_only and reroute_only one each (ablations).
+LayerDropMode = Literal["presto_l", "ase", "embed_only", "reroute_only"]
+
+
 class PrestoLParams(Section):
-    mode: Literal["presto_l", "ase"]  # ase here turns the presto_l stage into the baseline (an ablation)
+    mode: LayerDropMode  # anything but presto_l turns the presto_l stage into an ablation
     nu_self_distill: NonNegFloat
 
 

@@ -4,6 +4,7 @@ One module, two stages (stages/specs.py):
 - presto_l: Presto-L (params `presto_l`: mode presto_l is the budget embedding, the reroute to the last
   block and self-distillation toward the teacher with weight nu_self_distill);
 - ase: the plain-ASE baseline (mode ase, its own `ase.nu_self_distill`, 0 for ASE as published).
+`presto_l.mode` embed_only or reroute_only makes the presto_l stage an ablation with one of the two changes.
 Both train with the recipe, data and steps of params `layer_dropping`, so the two models differ only in
 what Presto-L changes and evaluate measures the improvement instead of assuming it.
 

@@ -44,7 +44,7 @@ def load_presto_l(folder: Path, teacher: DiT, edm: dict[str, float], device: tor
         raise InputError(f"{folder / MODEL_DIR}: holds a {type(net).__name__}, not a DiT")
     # The budgets of a sampling recipe reach the DiT with the reroute, and embedded: Presto-L's mode.
     if not (net.cfg.budget_conditioning and load_schedule(folder / SCHEDULE_FILE).reroute):
-        raise InputError(f"{folder}: holds the plain-ASE ablation (presto_l.mode: ase); Presto-LS distils the "
+        raise InputError(f"{folder}: holds an ablation (presto_l.mode other than presto_l); Presto-LS distils the "
                          "Presto-L network (budget conditioning and the reroute): set presto_l.mode to presto_l")
     if net.cfg.model_dump() != teacher.cfg.model_dump() | {"budget_conditioning": True}:
         raise InputError(f"{folder}: its DiT ({net.cfg}) is not the teacher's ({teacher.cfg}) with budget "

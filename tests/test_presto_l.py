@@ -12,6 +12,7 @@ from presto.diffusion.edm import Denoiser, edm_loss
 from presto.diffusion.noise import rho_schedule
 from presto.diffusion.sampling import karras_sigmas, sample_euler
 from presto.distill.presto_l import (
+    MODE_PARTS,
     BudgetedDenoiser,
     BudgetSchedule,
     BudgetScheduleConfig,
@@ -234,10 +235,10 @@ def test_student_from_teacher_starts_at_the_teachers_function():
 
 # ---- compute really saved -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["presto_l", "ase"])
+@pytest.mark.parametrize("mode", ["presto_l", "ase", "embed_only", "reroute_only"])
 def test_sampling_runs_only_the_scheduled_blocks(mode):
-    reroute = mode == "presto_l"
-    net = student_from_teacher(randomized_teacher(), budget_conditioning=reroute)
+    budget_conditioning, reroute = MODE_PARTS[mode]
+    net = student_from_teacher(randomized_teacher(), budget_conditioning=budget_conditioning)
     schedule = BudgetSchedule(TINY, 6, reroute=reroute)
     calls = record_block_calls(net)
     evaluated: list[float] = []
@@ -297,11 +298,11 @@ def train_teacher(x0: torch.Tensor, cond: TextCondition, steps: int) -> DiT:
     return teacher
 
 
-@pytest.mark.parametrize("mode, nu", [("presto_l", 0.1), ("ase", 0.0)])
+@pytest.mark.parametrize("mode, nu", [("presto_l", 0.1), ("ase", 0.0), ("embed_only", 0.1), ("reroute_only", 0.0)])
 def test_fine_tuning_lowers_the_loss_at_low_budgets(mode, nu):
     x0, cond = captioned_latents(16)
     teacher = train_teacher(x0, cond, steps=80)
-    trainer = PrestoLTrainer(student_from_teacher(teacher, mode == "presto_l"), train_cfg(mode, nu, lr=3e-3),
+    trainer = PrestoLTrainer(student_from_teacher(teacher, MODE_PARTS[mode][0]), train_cfg(mode, nu, lr=3e-3),
                              teacher, sigma_data=SIGMA_DATA, device=CPU, seed=0)
     noise = torch.randn_like(x0)
     sigma = torch.tensor([2.5, 5.0]).repeat_interleave(8)  # the top band: 2 of 6 blocks

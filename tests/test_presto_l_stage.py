@@ -95,6 +95,25 @@ def test_ase_is_the_same_recipe_without_budget_conditioning_or_reroute(project: 
         stage.fine_tune_config(context(project, "train_dit", tiny_params(), "x", RecordingTracker()))
 
 
+@pytest.mark.parametrize("mode, budget_conditioning, reroute", [("embed_only", True, False),
+                                                                 ("reroute_only", False, True)])
+def test_presto_l_mode_trains_an_ablation_with_one_of_the_two_changes(project: Path, mode, budget_conditioning,
+                                                                       reroute):
+    params = tiny_params()
+    raw = params.model_dump(mode="json")
+    raw["presto_l"]["mode"] = mode
+    tracker = RecordingTracker()
+    stage.run(context(project, "presto_l", Params.model_validate(raw), "out", tracker))
+    model, cfg = load_model(project / "out" / MODEL_DIR)
+    assert cfg.budget_conditioning == budget_conditioning
+    assert (model.budget_embed is not None) == budget_conditioning
+    assert load_schedule(project / "out" / stage.SCHEDULE_FILE).reroute == reroute
+    assert tracker.tags["mode"] == mode
+    raw["presto_l"]["mode"] = "exit_only"
+    with pytest.raises(ValueError, match="presto_l.mode"):
+        Params.model_validate(raw)
+
+
 def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path, monkeypatch):
     params = tiny_params()
     stage.run(context(project, "presto_l", params, "straight", RecordingTracker()))

@@ -17,6 +17,7 @@ import torch
 from presto.config import Params, load_params
 from presto.diffusion.edm import Denoiser, per_item_sigma
 from presto.distill.presto_l import (
+    MODE_PARTS,
     SCHEDULE_FILE,
     BudgetedDenoiser,
     BudgetSchedule,
@@ -160,8 +161,8 @@ def write_presto_l(root: Path, mode: str = "presto_l") -> DiT:
     """presto_l's out folder as the stage leaves it: the teacher fine-tuned in `mode` (here: perturbed, the
     budget embedding included), its EDM constants and its schedule."""
     teacher, _ = load_model(root / "artifacts" / "train_dit" / MODEL_DIR)
-    reroute = mode == "presto_l"
-    net = student_from_teacher(teacher, budget_conditioning=reroute)
+    budget_conditioning, reroute = MODE_PARTS[mode]
+    net = student_from_teacher(teacher, budget_conditioning=budget_conditioning)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
@@ -258,7 +259,8 @@ def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_an_ase_model_is_refused(project: Path):
-    write_presto_l(project, mode="ase")
-    with pytest.raises(InputError, match="plain-ASE ablation"):
+@pytest.mark.parametrize("mode", ["ase", "embed_only", "reroute_only"])
+def test_an_ablation_is_refused(project: Path, mode: str):
+    write_presto_l(project, mode=mode)
+    with pytest.raises(InputError, match="holds an ablation"):
         stage.run(context(project, "presto_ls", tiny_params(), "out", RecordingTracker()))

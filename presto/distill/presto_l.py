@@ -2,7 +2,7 @@
 
 At high noise a denoiser needs less capacity (ASE, Moon et al. 2024), so a schedule over sigma gives the
 number of DiT blocks that run, the *budget* b(sigma): all of them at low noise, fewer as sigma rises. The
-DiT (presto/models/dit.py) runs a budget as a real subset of its blocks; the two modes differ in how:
+DiT (presto/models/dit.py) runs a budget as a real subset of its blocks; the modes differ in how:
 
 - `presto_l`: b is embedded into the adaLN conditioning (every block and the final layer), and the blocks
   are the first b-1 then always the last one (the reroute: the output layer keeps seeing the hidden-state
@@ -15,10 +15,11 @@ DiT (presto/models/dit.py) runs a budget as a real subset of its blocks; the two
   ours (nu = 0 turns it off).
 - `ase`: no budget embedding, the first b blocks exit straight to the output layer, same DSM loss (nu is
   a param here too; 0 is plain ASE).
+- `embed_only`, `reroute_only`: one of Presto-L's two changes each, to measure what each is worth on a teacher.
 
 Schedule [ours, after ASE's DiT schedule]: budgets are given as counts out of a reference depth (ASE: 28
 of 28, 24, 20, 16, 12 as noise rises) and scaled to the model's depth d as round_half_up(b d / ref),
-clamped to [2, d] in both modes (with the reroute the last block always runs, so a budget of 1 would keep no
+clamped to [2, d] in every mode (with the reroute the last block always runs, so a budget of 1 would keep no
 intermediate block at all; ASE gets the same floor so that the two run equal compute). Band i covers sigma
 in (bounds[i-1], bounds[i]].
 Which blocks a trained teacher can spare at which sigma is measured by bench/layer_sensitivity.py; the
@@ -30,13 +31,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from presto.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Section
+from presto.config import Fraction, LayerDropMode, NonNegFloat, PositiveFloat, PositiveInt, Section
 from presto.diffusion.edm import Denoiser, loss_weight, per_item_sigma
 from presto.diffusion.noise import NoiseDistConfig, make_noise_dist
 from presto.errors import InputError
@@ -46,7 +47,9 @@ from presto.text.condition import TextCondition
 from presto.training.dit_trainer import EMAStateMixin, autocast, keep_mask, step_generator, unwrap
 from presto.training.progress import check_finite
 
-Mode = Literal["presto_l", "ase"]
+# (budget conditioning, reroute) per mode
+MODE_PARTS: dict[str, tuple[bool, bool]] = {"presto_l": (True, True), "ase": (False, False),
+                                            "embed_only": (True, False), "reroute_only": (False, True)}
 SCHEDULE_FORMAT = "presto-budget-schedule/1"
 SCHEDULE_FILE = "schedule.json"  # beside a budgeted model's model/ folder: the schedule it was trained with
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -88,7 +91,7 @@ class BudgetSchedule:
     def __init__(self, cfg: BudgetScheduleConfig, depth: int, reroute: bool):
         if depth < (2 if reroute else 1):
             raise ValueError(f"a depth of {depth} leaves nothing to drop (the reroute needs at least 2 blocks)")
-        # One floor in both modes, so that Presto-L and its ASE baseline run equally many blocks at every noise
+        # One floor in every mode, so that Presto-L and its ASE baseline run equally many blocks at every noise
         # level (a comparison at equal compute); with the reroute, 1 block would keep no intermediate block.
         minimum = min(2, depth)
         self.cfg, self.depth, self.reroute = cfg, depth, reroute
@@ -221,19 +224,19 @@ class LayerDropRecipe(Section):
 
 
 class PrestoLConfig(Section):
-    """A fine-tune: the mode (presto_l or ase), the self-distillation weight nu, and the recipe."""
+    """A fine-tune: the mode (which of Presto-L's changes it makes), the self-distillation weight nu, the recipe."""
 
-    mode: Mode
+    mode: LayerDropMode
     nu_self_distill: NonNegFloat
     recipe: LayerDropRecipe
 
     @property
     def budget_conditioning(self) -> bool:
-        return self.mode == "presto_l"
+        return MODE_PARTS[self.mode][0]
 
     @property
     def reroute(self) -> bool:
-        return self.mode == "presto_l"
+        return MODE_PARTS[self.mode][1]
 
 
 def student_from_teacher(teacher: DiT, budget_conditioning: bool) -> DiT:
