@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from typing import get_args
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from presto.config import LayerDropMode
 from presto.diffusion.edm import Denoiser, edm_loss
 from presto.diffusion.noise import rho_schedule
 from presto.diffusion.sampling import karras_sigmas, sample_euler
@@ -235,7 +238,12 @@ def test_student_from_teacher_starts_at_the_teachers_function():
 
 # ---- compute really saved -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["presto_l", "ase", "embed_only", "reroute_only"])
+def test_every_mode_the_params_accept_has_its_parts():
+    assert set(MODE_PARTS) == set(get_args(LayerDropMode))
+    assert sorted(MODE_PARTS.values()) == sorted(itertools.product([False, True], repeat=2))  # each pair once
+
+
+@pytest.mark.parametrize("mode", list(MODE_PARTS))
 def test_sampling_runs_only_the_scheduled_blocks(mode):
     budget_conditioning, reroute = MODE_PARTS[mode]
     net = student_from_teacher(randomized_teacher(), budget_conditioning=budget_conditioning)
