@@ -207,7 +207,9 @@ def test_padded_text_tokens_do_not_change_the_output():
     torch.testing.assert_close(model(x, c_noise, TextCondition(garbage, cond.mask, cond.pooled)), out)
     one = torch.tensor([1])
     short = TextCondition(cond.tokens[1:, :3], cond.mask[1:, :3], cond.pooled[1:])
-    torch.testing.assert_close(model(x[one], c_noise[one], short), out[one], rtol=1e-5, atol=1e-6)
+    # A batch of one with 3 tokens reduces in another order than a batch of two padded to 6: float32 rounding,
+    # which differs between CPUs (1.3e-6 seen on an Intel Xeon).
+    torch.testing.assert_close(model(x[one], c_noise[one], short), out[one], rtol=1e-4, atol=1e-5)
     changed = cond.tokens.clone()
     changed[1, :3] += 1.0  # real tokens do matter
     assert not torch.allclose(model(x, c_noise, TextCondition(changed, cond.mask, cond.pooled))[1], out[1])
@@ -227,7 +229,7 @@ def test_drop_cond_swaps_in_the_learned_null():
     assert torch.equal(dropped.pooled[1], model.null_pooled.detach())
     x, c_noise = torch.randn(3, C, T), torch.randn(3)
     torch.testing.assert_close(model(x, c_noise, dropped)[1:2], model(x[1:2], c_noise[1:2], model.null_cond(1)),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-5)  # batch of one against three: rounding, as above
     # The null is learned: condition dropout sends gradients into it.
     model(x, c_noise, dropped).square().sum().backward()
     assert model.null_token.grad.abs().sum() > 0 and model.null_pooled.grad.abs().sum() > 0
