@@ -290,6 +290,7 @@ class PrestoSParams(Section):
     recipe: SamplingRecipe  # how the generator samples, written to <stage>.json beside the model
     eval_steps: Annotated[list[PositiveInt], Field(min_length=1)]
     eval_clips: PositiveInt
+    seed: NonNegInt | None  # the distillation's batches, noise and head init; None: shared.seed (scoring noise always is)
     resources: Resources
 
     @model_validator(mode="after")

@@ -7,10 +7,12 @@ the frozen real score, and the discriminator head reads the fake score's middle 
 over `log_every` iterations and logged.
 
 Every random draw of iteration i (the batch, the noise levels, the noise) is a function of (seed, i), so a
-run resumed from a checkpoint continues exactly. Every `ckpt_every` iterations the generator, fake score,
-head and both optimisers go to ctx.checkpoint_dir; a rerun resumes from the newest state. A NaN or Inf
-loss or gradient stops the stage before it reaches the weights (DivergenceError), and the runner keeps the
-checkpoints of a failed run, so the last good state survives.
+run resumed from a checkpoint continues exactly. `seed` (null: shared.seed) seeds the distillation alone: the
+scoring noise stays shared.seed's, so a repeat at another seed says how much of a gap is the distillation's
+luck. Every `ckpt_every` iterations the generator, fake score, head and both optimisers go to
+ctx.checkpoint_dir; a rerun resumes from the newest state. A NaN or Inf loss or gradient stops the stage
+before it reaches the weights (DivergenceError), and the runner keeps the checkpoints of a failed run, so the
+last good state survives.
 
 The few-step generator is scored before and after training: the Frechet distance between Gaussians fitted
 to the latent frames of validation clips and of clips it samples for their captions, at each of
@@ -110,7 +112,8 @@ def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: D
     edm.json; the caller writes the sampling recipe. The generator starts as a copy of the teacher unless
     `generator` is given (presto_ls: the Presto-L network running its layer budgets)."""
     encode_dir = ctx.upstream("encode")
-    seed = ctx.params.shared.seed
+    eval_seed = ctx.params.shared.seed  # the same scoring noise for every distillation seed, so scores compare
+    seed = eval_seed if p.seed is None else p.seed
     stats = LatentStats.load(encode_dir / LATENT_STATS)
     seed_everything(seed, HEAD_INIT)
     head = DiscHead(p.head, in_width=teacher.cfg.width, frame_rate=stats.frames_per_second).to(device)
@@ -127,7 +130,7 @@ def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: D
         method.iteration, summary = start, extra["summary"]
         print(f"{ctx.name}: resumes from iteration {start}", flush=True)
     elif val:  # the starting generator as a few-step generator: what distillation starts from
-        summary |= score(method.generator, val, p.recipe, p.eval_steps, seed, device, "init_")
+        summary |= score(method.generator, val, p.recipe, p.eval_steps, eval_seed, device, "init_")
     summary["resumed_from_iteration"] = float(start)
 
     train = LatentDataset(encode_dir, "train")
@@ -150,7 +153,7 @@ def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: D
             save_state(ctx.checkpoint_dir, done, method.modules(), method.optimizers(), extra={"summary": summary})
 
     if val:
-        final = score(method.generator, val, p.recipe, p.eval_steps, seed, device, "")
+        final = score(method.generator, val, p.recipe, p.eval_steps, eval_seed, device, "")
         ctx.tracker.log_metrics(final, step=p.iterations)
         summary |= final
     net = method.generator.net

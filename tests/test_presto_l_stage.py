@@ -4,6 +4,7 @@ loadable budgeted model and its schedule, log curves, and a rerun after a crash 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,7 @@ def test_the_fine_tune_seed_repeats_the_fine_tune_on_the_same_validation_noise(p
     runs = {}
     for name, seed in [("default", None), ("same", shared), ("other", shared + 1)]:
         metrics = stage.run(context(project, "presto_l", tiny_params(seed=seed), name, RecordingTracker()))
+        shutil.rmtree(project / "checkpoints")  # each run from scratch, not resumed from the last one's state
         model, _ = load_model(project / name / MODEL_DIR)
         runs[name] = metrics, model.state_dict()
     weights = {name: torch.cat([w.flatten() for w in state.values()]) for name, (_, state) in runs.items()}
