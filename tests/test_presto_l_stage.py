@@ -161,15 +161,21 @@ def test_inputs_that_do_not_fit_are_named(project: Path):
                               RecordingTracker()))
 
 
-def test_the_fine_tune_seed_repeats_the_fine_tune_on_the_same_validation_noise(project: Path):
-    shared = tiny_params().shared.seed
+def run_at_seeds(project: Path, stage_module, name: str, params_at) -> dict[str, tuple[dict, torch.Tensor]]:
+    """Stage `name` at its seed null, shared.seed and shared.seed + 1, each from scratch: {label: (metrics,
+    the model's weights flattened)}; checks that null means shared.seed and that another seed trains another model."""
+    shared = params_at(None).shared.seed
     runs = {}
-    for name, seed in [("default", None), ("same", shared), ("other", shared + 1)]:
-        metrics = stage.run(context(project, "presto_l", tiny_params(seed=seed), name, RecordingTracker()))
+    for label, seed in [("default", None), ("same", shared), ("other", shared + 1)]:
+        metrics = stage_module.run(context(project, name, params_at(seed), label, RecordingTracker()))
         shutil.rmtree(project / "checkpoints")  # each run from scratch, not resumed from the last one's state
-        model, _ = load_model(project / name / MODEL_DIR)
-        runs[name] = metrics, model.state_dict()
-    weights = {name: torch.cat([w.flatten() for w in state.values()]) for name, (_, state) in runs.items()}
-    torch.testing.assert_close(weights["same"], weights["default"])  # null means shared.seed
-    assert not torch.allclose(weights["other"], weights["default"])  # other batches and noise
+        model, _ = load_model(project / label / MODEL_DIR)
+        runs[label] = metrics, torch.cat([w.flatten() for w in model.state_dict().values()])
+    torch.testing.assert_close(runs["same"][1], runs["default"][1])  # null means shared.seed
+    assert not torch.allclose(runs["other"][1], runs["default"][1])  # other batches and noise
+    return runs
+
+
+def test_the_fine_tune_seed_repeats_the_fine_tune_on_the_same_validation_noise(project: Path):
+    runs = run_at_seeds(project, stage, "presto_l", lambda seed: tiny_params(seed=seed))
     assert runs["other"][0]["teacher_val_loss"] == runs["default"][0]["teacher_val_loss"]  # same val noise

@@ -5,7 +5,6 @@ keeping the last good checkpoint."""
 from __future__ import annotations
 
 import json
-import shutil
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from presto.models.dit import DiT
 from presto.training.state import latest_state
 from stages import presto_s as stage
 from recording_tracker import RecordingTracker
-from test_presto_l_stage import EDM, context, project  # noqa: F401 (project is a fixture)
+from test_presto_l_stage import EDM, context, project, run_at_seeds  # noqa: F401 (project is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,15 +99,7 @@ def test_a_rerun_after_a_crash_resumes_from_the_checkpoint_exactly(project: Path
 
 
 def test_the_distillation_seed_repeats_the_distillation_on_the_same_scoring_noise(project: Path):
-    shared = tiny_params().shared.seed
-    runs = {}
-    for name, seed in [("default", None), ("same", shared), ("other", shared + 1)]:
-        metrics = stage.run(context(project, "presto_s", tiny_params(seed=seed), name, RecordingTracker()))
-        shutil.rmtree(project / "checkpoints")  # each run from scratch, not resumed from the last one's state
-        model, _ = load_model(project / name / MODEL_DIR)
-        runs[name] = metrics, torch.cat([w.flatten() for w in model.state_dict().values()])
-    torch.testing.assert_close(runs["same"][1], runs["default"][1])  # null means shared.seed
-    assert not torch.allclose(runs["other"][1], runs["default"][1])  # other batches, noise and head
+    runs = run_at_seeds(project, stage, "presto_s", lambda seed: tiny_params(seed=seed))
     # the starting generator is scored on the same noise whatever the seed, so scores compare across seeds
     assert runs["other"][0]["init_latent_fd_1step"] == runs["default"][0]["init_latent_fd_1step"]
     assert runs["other"][0]["latent_fd_1step"] != runs["default"][0]["latent_fd_1step"]
