@@ -14,7 +14,8 @@ ctx.checkpoint_dir; a rerun resumes from the newest state. A NaN or Inf loss or 
 before it reaches the weights (DivergenceError), and the runner keeps the checkpoints of a failed run, so the
 last good state survives.
 
-The few-step generator is scored before and after training: the Frechet distance between Gaussians fitted
+The exported generator is the EMA of G's weights (`method.generator_ema_decay`; presto/distill/presto_s.py says
+why). The few-step generator is scored before and after training: the Frechet distance between Gaussians fitted
 to the latent frames of validation clips and of clips it samples for their captions, at each of
 `eval_steps` steps (a cheap proxy that lets the noise-distribution ablation be compared without the
 evaluate stage; evaluate scores the audio).
@@ -46,7 +47,7 @@ from presto.models.dit import DiT
 from presto.text.condition import TextCondition
 from presto.training.dit_trainer import autocast, batch_indices, step_generator
 from presto.training.progress import Progress
-from presto.training.state import latest_state, load_state, save_state
+from presto.training.state import latest_state
 from stages.base import StageContext
 from stages.presto_l import load_teacher
 from stages.train_dit import _batch, _open_val, _validation_batches
@@ -126,8 +127,8 @@ def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: D
     start, summary = 0, {}
     state = latest_state(ctx.checkpoint_dir)
     if state is not None:
-        start, extra = load_state(state, method.modules(), method.optimizers())
-        method.iteration, summary = start, extra["summary"]
+        summary = method.resume(state)["summary"]
+        start = method.iteration
         print(f"{ctx.name}: resumes from iteration {start}", flush=True)
     elif val:  # the starting generator as a few-step generator: what distillation starts from
         summary |= score(method.generator, val, p.recipe, p.eval_steps, eval_seed, device, "init_")
@@ -150,13 +151,14 @@ def distil(ctx: StageContext, p: PrestoSParams, device: torch.device, teacher: D
             summary |= {"train_" + key.replace("/", "_"): v for key, v in means.items()}
             window = []
         if done % p.ckpt_every == 0 and done < p.iterations:
-            save_state(ctx.checkpoint_dir, done, method.modules(), method.optimizers(), extra={"summary": summary})
+            method.save(ctx.checkpoint_dir, extra={"summary": summary})
 
+    generator = method.ema_generator()
     if val:
-        final = score(method.generator, val, p.recipe, p.eval_steps, eval_seed, device, "")
+        final = score(generator, val, p.recipe, p.eval_steps, eval_seed, device, "")
         ctx.tracker.log_metrics(final, step=p.iterations)
         summary |= final
-    net = method.generator.net
+    net = generator.net
     save_model(net, net.cfg, ctx.out_dir / MODEL_DIR)
     (ctx.out_dir / EDM_FILE).write_text(json.dumps(edm, indent=2) + "\n")
     return summary | {"iterations": float(p.iterations), "generator_updates": float(p.iterations // k)}

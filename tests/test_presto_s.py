@@ -33,7 +33,7 @@ from presto.errors import DivergenceError
 from presto.models.disc_head import DiscHead, DiscHeadConfig, downsample_strides
 from presto.models.dit import DiT, DiTConfig
 from presto.text.condition import TextCondition
-from presto.training.state import latest_state, load_state, save_state
+from presto.training.state import latest_state
 
 TRAIN = {"kind": "train", "p_mean": -0.4, "p_std": 1.0, "sigma_min": 0.002, "sigma_max": 80.0}
 INF = {"kind": "inf", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
@@ -43,7 +43,8 @@ def make_cfg(**changes) -> PrestoSConfig:
     fields = dict(sigmas={"train": TRAIN, "inf": INF}, p_gen="inf", p_dmd="train", p_dsm="train", p_gan="train",
                   real_guidance=4.5,
                   critic_updates_per_generator=5, nu_critic=0.01, nu_generator=0.005,
-                  generator_lr=3e-4, critic_lr=3e-4, betas=(0.0, 0.99), max_grad_norm=10.0)
+                  generator_lr=3e-4, critic_lr=3e-4, betas=(0.0, 0.99), max_grad_norm=10.0,
+                  generator_ema_decay=0.9)
     return PrestoSConfig(**(fields | changes))
 
 
@@ -378,15 +379,32 @@ def test_resumed_training_continues_exactly(tmp_path):
     torch.manual_seed(1)
     first = toy_presto_s(start, cfg)
     run(first, range(3))
-    save_state(tmp_path, first.iteration, first.modules(), first.optimizers(), extra={"iteration": first.iteration})
+    first.save(tmp_path, extra={"note": "first"})
     torch.manual_seed(999)  # whatever ran in between must not matter
     resumed = toy_presto_s(start, cfg)
-    _, extra = load_state(latest_state(tmp_path), resumed.modules(), resumed.optimizers())
-    resumed.iteration = extra["iteration"]
+    assert resumed.resume(latest_state(tmp_path)) == {"note": "first"} and resumed.iteration == 3
     run(resumed, range(3, 6))
 
-    for name, module in straight.modules().items():
+    for name, module in straight.modules().items():  # the generator's EMA too
         assert_same(resumed.modules()[name], snapshot(module))
+
+
+def test_the_exported_generator_is_the_ema_of_its_weights_over_generator_turns():
+    start = Denoiser(ToyNet(width=16, depth=2), SD)
+    for decay in (0.8, 0.0):
+        m = toy_presto_s(start, make_cfg(critic_updates_per_generator=2, generator_ema_decay=decay))
+        expected = snapshot(m.generator)  # the EMA starts at the starting weights
+        for i in range(6):
+            m.train_step(mixture_sample(8, torch.Generator().manual_seed(i)), torch.zeros(8, 1))
+            if (i + 1) % 2 == 0:  # a generator turn: shadow <- decay shadow + (1 - decay) weights
+                expected = {k: decay * expected[k] + (1 - decay) * v for k, v in snapshot(m.generator).items()}
+        ema = m.ema_generator().state_dict()
+        for k, v in expected.items():
+            torch.testing.assert_close(ema[k], v, rtol=1e-6, atol=1e-7, msg=k)
+        if decay == 0.0:  # 0: the generator's last weights
+            assert_same(m.ema_generator(), snapshot(m.generator))
+        else:
+            assert_changed(m.ema_generator(), snapshot(m.generator))
 
 
 # ---- with the DiT ---------------------------------------------------------------------------------------

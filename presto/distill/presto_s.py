@@ -6,6 +6,9 @@ Roles, all EDM denoisers D(x; sigma, c) -> x0_hat:
   mu_fake  the fake score, starts as a copy of the teacher, trained to denoise G's samples;
   mu_real  the teacher itself, frozen, read with plain classifier-free guidance of scale w (4.5);
   D        the discriminator head, reads mu_fake's hidden states after its middle block, trained with it.
+The exported generator is an EMA of G's weights, updated after every generator turn [ours]: the paper's lr
+(5e-7) moves G slowly enough that its last weights are the model, while the much larger lr that a short run
+needs leaves the last weights wherever the last few adversarial updates threw them.
 
 Presto-LS (Presto! sec. 3.4) is this method with G started from the Presto-L network behind a
 BudgetedDenoiser (presto/distill/presto_l.py): each of G's inputs runs the layer budget of its own sigma_g,
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -50,7 +54,9 @@ from presto.config import NonNegFloat, PositiveFloat, PositiveInt, Section
 from presto.diffusion.edm import Denoiser, c_in, c_noise, edm_loss, per_item_sigma
 from presto.diffusion.noise import NoiseDist, NoiseDistConfig, make_noise_dist
 from presto.diffusion.sampling import DenoiseFn
+from presto.models.ema import EMA
 from presto.training.progress import check_finite
+from presto.training.state import load_state, save_state
 
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -75,6 +81,7 @@ class PrestoSConfig(Section):
     critic_lr: PositiveFloat  # fake score and discriminator head
     betas: tuple[AdamBeta, AdamBeta]  # Adam's (beta1, beta2)
     max_grad_norm: PositiveFloat  # each optimiser step clips its gradient to this global norm
+    generator_ema_decay: AdamBeta  # EMA of G's weights per generator update (the exported G); 0: G's last weights
 
     @model_validator(mode="after")
     def _roles_name_a_distribution(self) -> "PrestoSConfig":
@@ -187,7 +194,7 @@ class PrestoS:
     generator, fake_score: Denoisers (trained). real_score: any denoiser D(x, sigma, cond), frozen here.
     head: maps the fake score's hidden states after `feature_block` to per-frame logits.
     null_cond(cond) -> the unconditional input of the real score for a batch like `cond`.
-    Randomness comes from torch's global generators, which `save_state` saves and restores.
+    Randomness comes from torch's global generators, which `save` saves and `resume` restores.
     """
 
     def __init__(self, generator: Denoiser, fake_score: Denoiser, real_score: DenoiseFn, head: nn.Module,
@@ -201,7 +208,9 @@ class PrestoS:
         self.critic_params = [p for m in (fake_score, head) for p in m.parameters() if p.requires_grad]
         self.generator_opt = torch.optim.Adam(self.generator_params, lr=cfg.generator_lr, betas=cfg.betas)
         self.critic_opt = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr, betas=cfg.betas)
-        self.iteration = 0  # completed iterations (critic turns); restore it when resuming
+        self.generator_ema = EMA(generator, cfg.generator_ema_decay)
+        self._ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
+        self.iteration = 0  # completed iterations (critic turns)
 
     @classmethod
     def from_teacher(cls, teacher: Denoiser, head: nn.Module, cfg: PrestoSConfig,
@@ -220,12 +229,28 @@ class PrestoS:
 
     # -- state ------------------------------------------------------------------------------------------
 
+    def ema_generator(self) -> Denoiser:
+        """A copy of G holding its EMA weights: the generator that is scored and exported."""
+        self.generator_ema.copy_to(self._ema_generator)
+        return self._ema_generator
+
     def modules(self) -> dict[str, nn.Module]:
         """What a resumable state holds besides the optimisers (the real score is the teacher's file)."""
-        return {"generator": self.generator, "fake_score": self.fake_score, "head": self.head}
+        return {"generator": self.generator, "generator_ema": self.ema_generator(), "fake_score": self.fake_score,
+                "head": self.head}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.generator_opt, "critic": self.critic_opt}
+
+    def save(self, folder: str | Path, extra: dict[str, Any]) -> Path:
+        """The resumable state after `self.iteration` iterations, as `folder/step-<n>/`."""
+        return save_state(folder, self.iteration, self.modules(), self.optimizers(), extra=extra)
+
+    def resume(self, path: str | Path) -> dict[str, Any]:
+        """Restore a state written by `save` (weights, EMA, optimisers, iteration); returns its extra."""
+        self.iteration, extra = load_state(path, self.modules(), self.optimizers())
+        self.generator_ema.load_state_dict(self._ema_generator.state_dict())
+        return extra
 
     # -- pieces -----------------------------------------------------------------------------------------
 
@@ -292,7 +317,9 @@ class PrestoS:
         metrics = {"loss/dmd": dmd.item(), "loss/gan_generator": gan.item(),
                    "grad_norm/dmd": norms["dmd"], "grad_norm/gan_generator": norms["gan_generator"],
                    "dmd/normaliser": float(dmd_normaliser(x_leaf.detach(), d_real).mean())}
-        return self._step(self.generator_opt, self.generator_params, "generator", metrics)
+        metrics = self._step(self.generator_opt, self.generator_params, "generator", metrics)
+        self.generator_ema.update(self.generator)
+        return metrics
 
     def train_step(self, x: Tensor, cond: Any) -> dict[str, float]:
         """One iteration: the critic turn, then the generator turn on every k-th iteration
