@@ -194,12 +194,12 @@ def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project
 
     schedule = load_schedule(out / SCHEDULE_FILE)
     presto_l_budgets = BudgetSchedule(params.layer_dropping.recipe.schedule, DEPTH, reroute=True).budgets
-    assert schedule.reroute and schedule.budgets == [4, 4, 4, 3, 3] and presto_l_budgets == [4, 4, 3, 2, 2]
+    assert schedule.reroute and schedule.budgets == [4, 4, 4, 4, 3] and presto_l_budgets == [4, 4, 3, 2, 2]
     assert json.loads(tracker.tags["budgets"]) == schedule.budgets
     recipe = SamplingRecipe.model_validate_json((out / stage.RECIPE_FILE).read_text())
-    assert recipe.model_dump() == params.presto_ls.recipe.model_dump() | {"budgets": [3, 3, 4, 4]}
+    assert recipe.model_dump() == params.presto_ls.recipe.model_dump() | {"budgets": [3, 4, 4, 4]}
     assert recipe.budgets == schedule(recipe.sigmas()[:recipe.steps]).tolist()  # sigmas 80, 17.5, 2.5, 0.17
-    assert metrics["min_budget"] == 3 and metrics["recipe_block_fraction"] == pytest.approx(14 / 16)
+    assert metrics["min_budget"] == 3 and metrics["recipe_block_fraction"] == pytest.approx(15 / 16)
     for key in ("train_loss_dsm", "train_loss_dmd", "latent_fd_1step", "latent_fd_2step", "init_latent_fd_1step"):
         assert math.isfinite(metrics[key]), key
     assert metrics["iterations"] == 4 and metrics["generator_updates"] == 2 and metrics["resumed_from_iteration"] == 0
@@ -215,7 +215,7 @@ def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project
         block.register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i))
     audio, timings = by_recipe.generate(["slow strings"], 0.25, [3], recipe)
     assert ran == [b for budget in recipe.budgets for b in layer_schedule(budget, DEPTH, reroute=True)]
-    assert len(ran) == 14 < DEPTH * recipe.steps and timings["nfe"] == recipe.steps
+    assert len(ran) == 15 < DEPTH * recipe.steps and timings["nfe"] == recipe.steps
     by_schedule = Generator.load(out, **bundle)
     assert isinstance(by_schedule.denoiser, BudgetedDenoiser)
     with pytest.raises(InputError, match="runs its own layer schedule"):
