@@ -209,8 +209,11 @@ class PrestoS:
         self.critic_params = [p for m in (fake_score, head) for p in m.parameters() if p.requires_grad]
         self.generator_opt = torch.optim.Adam(self.generator_params, lr=cfg.generator_lr, betas=cfg.betas)
         self.critic_opt = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr, betas=cfg.betas)
-        self.generator_ema = EMA(generator, cfg.generator_ema_decay)
-        self._ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
+        # Decay 0 exports G itself: no shadow and no copy, two generator-sized tensors fewer in memory and in
+        # every checkpoint.
+        self.generator_ema = EMA(generator, cfg.generator_ema_decay) if cfg.generator_ema_decay > 0 else None
+        self._ema_generator = (copy.deepcopy(generator).requires_grad_(False).eval()
+                               if self.generator_ema is not None else None)
         self.iteration = 0  # completed iterations (critic turns)
 
     @classmethod
@@ -231,14 +234,16 @@ class PrestoS:
     # -- state ------------------------------------------------------------------------------------------
 
     def ema_generator(self) -> Denoiser:
-        """A copy of G holding its EMA weights: the generator that is scored and exported."""
+        """A copy of G holding its EMA weights (G itself at decay 0): the generator that is scored and exported."""
+        if self.generator_ema is None:
+            return self.generator
         self.generator_ema.copy_to(self._ema_generator)
         return self._ema_generator
 
     def modules(self) -> dict[str, nn.Module]:
         """What a resumable state holds besides the optimisers (the real score is the teacher's file)."""
-        return {"generator": self.generator, "generator_ema": self.ema_generator(), "fake_score": self.fake_score,
-                "head": self.head}
+        ema = {} if self.generator_ema is None else {"generator_ema": self.ema_generator()}
+        return {"generator": self.generator, **ema, "fake_score": self.fake_score, "head": self.head}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.generator_opt, "critic": self.critic_opt}
@@ -250,7 +255,8 @@ class PrestoS:
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Restore a state written by `save` (weights, EMA, optimisers, iteration); returns its extra."""
         self.iteration, extra = load_state(path, self.modules(), self.optimizers())
-        self.generator_ema.load_state_dict(self._ema_generator.state_dict())
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(self._ema_generator.state_dict())
         return extra
 
     # -- pieces -----------------------------------------------------------------------------------------
@@ -319,7 +325,8 @@ class PrestoS:
                    "grad_norm/dmd": norms["dmd"], "grad_norm/gan_generator": norms["gan_generator"],
                    "dmd/normaliser": float(dmd_normaliser(x_leaf.detach(), d_real).mean())}
         metrics = self._step(self.generator_opt, self.generator_params, "generator", metrics)
-        self.generator_ema.update(self.generator)
+        if self.generator_ema is not None:
+            self.generator_ema.update(self.generator)
         return metrics
 
     def train_step(self, x: Tensor, cond: Any) -> dict[str, float]:
