@@ -402,6 +402,7 @@ def test_the_exported_generator_is_the_ema_of_its_weights_over_generator_turns()
         for k, v in expected.items():
             torch.testing.assert_close(ema[k], v, rtol=1e-6, atol=1e-7, msg=k)
         if decay == 0.0:  # 0: the generator itself, with no shadow or copy to hold or checkpoint
+            assert_same(m.ema_generator(), snapshot(m.generator))
             assert m.ema_generator() is m.generator and "generator_ema" not in m.modules()
         else:
             assert_changed(m.ema_generator(), snapshot(m.generator))
