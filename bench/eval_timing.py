@@ -1,12 +1,20 @@
-"""How repeatable evaluate's speed-ups are: each run's speed-up over the reference run, timed `--trials` times
-on a project's trained models, the way evaluate times it (each run taking turns with the reference run,
-`stages.evaluate.time_runs`) beside the way it did before (each run timed on its own, one after the other).
+"""How repeatable evaluate's speed numbers are, timed `--trials` times on a project's trained models.
 
-Both ways use evaluate's batch-1 call (its first test prompt; text + sampling + decode) and its
-`evaluate.latency_repeats` (the median after a warm-up), with --threads CPU threads. A run's spread is
-(max - min) / mean of its speed-ups over the trials.
+Speed-ups: each run's speed-up over the reference run, the way evaluate times it (each run taking turns with
+the reference run, `stages.evaluate.time_runs`, `evaluate.latency_repeats` rounds) beside timing each run on
+its own, one after the other.
+
+Comparisons (--pairs a,b ...; instead of the speed-ups): the latency ratio a / b the way evaluate takes it (a and b taking turns with
+each other, `stages.evaluate.time_pairs`, `evaluate.compare_latency_repeats` rounds) beside the ratio of the
+two runs' speed-ups over the reference run, which is how evaluate took it before.
+
+All use evaluate's batch-1 call (its first test prompt; text + sampling + decode) after a warm-up round, with
+--threads CPU threads. A number's spread is (max - min) / mean over the trials, sd its standard deviation over
+them.
 
     .venv/bin/python bench/eval_timing.py --root /tmp/demo4 --runs base/32 presto_l/32 ase/32 --trials 3
+    .venv/bin/python bench/eval_timing.py --root /tmp/demo20 --runs base/32 presto_s/2 presto_ls/2 \
+        --pairs presto_ls/2,presto_s/2 --trials 5
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from stages.base import StageContext  # noqa: E402
 
 def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trials: int, folder: Path
              ) -> dict[str, dict[str, list[float]]]:
-    """{"paired" | "separate": {run label: its speed-up in each trial}}; `folder` takes time_runs' files."""
+    """{"paired" | "separate": {run label: its speed-up in each trial, the median of `repeats` rounds}};
+    `folder` takes time_runs' files."""
     out: dict[str, dict[str, list[float]]] = {"paired": {}, "separate": {}}
     for trial in range(trials):
         timed = evaluate.time_runs(models, runs, reference, repeats, folder / f"latency-{trial}.json")
@@ -37,7 +46,7 @@ def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trial
             out["paired"].setdefault(label, []).append(reference_ms / latency["latency_ms"])
         alone = {}
         for run in runs:
-            call = models.latency_call(run)
+            call = models.latency_calls([run])[run.label]
             call()  # warm-up
             alone[run.label] = evaluate.median_latency([call() for _ in range(repeats)])["latency_ms"]
         for label, ms in alone.items():
@@ -45,12 +54,37 @@ def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trial
     return out
 
 
-def table(found: dict[str, dict[str, list[float]]]) -> str:
-    rows = ["| timing | run | speed-up per trial | spread |", "|---|---|---|---|"]
+def ratios(models: evaluate.Models, pairs: list, reference, p, trials: int, folder: Path
+           ) -> dict[str, dict[str, list[float]]]:
+    """{"pair, N rounds" | "via reference, M rounds": {"a / b": the latency ratio in each trial}}, and under
+    "pair, N rounds: latency_ratio_std" the standard error evaluate gives each trial's ratio, to set beside the
+    ratios' spread over the trials; `folder` takes the timing files."""
+    runs = list({run.label: run for pair in pairs for run in pair}.values())
+    direct, via = f"pair, {p.compare_latency_repeats} rounds", f"via reference, {p.latency_repeats} rounds"
+    error = f"{direct}: latency_ratio_std"
+    out: dict[str, dict[str, list[float]]] = {direct: {}, error: {}, via: {}}
+    for trial in range(trials):
+        found = evaluate.time_pairs(models, pairs, p.compare_latency_repeats, folder / f"pairs-{trial}.json")
+        timed = evaluate.time_runs(models, runs, reference, p.latency_repeats, folder / f"latency-{trial}.json")
+        for a, b in pairs:
+            key = f"{a.label} / {b.label}"
+            ratio, std = found[(a.label, b.label)]
+            out[direct].setdefault(key, []).append(ratio)
+            out[error].setdefault(key, []).append(float("nan") if std is None else std)
+            speedup = {r.label: timed[r.label][1] / timed[r.label][0]["latency_ms"] for r in (a, b)}
+            out[via].setdefault(key, []).append(speedup[b.label] / speedup[a.label])
+    return out
+
+
+def table(found: dict[str, dict[str, list[float]]], what: str, of: str) -> str:
+    rows = [f"| timing | {of} | {what} per trial | spread | sd |", "|---|---|---|---:|---:|"]
     for how, by_run in found.items():
         for label, values in by_run.items():
-            spread = (max(values) - min(values)) / statistics.mean(values)
-            rows.append(f"| {how} | {label} | {' / '.join(f'{v:.3f}' for v in values)} | {100 * spread:.1f} % |")
+            mean = statistics.mean(values)
+            spread = (max(values) - min(values)) / mean if mean > 0 else float("nan")
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            rows.append(f"| {how} | {label} | {' / '.join(f'{v:.3f}' for v in values)} | {100 * spread:.1f} % "
+                        f"| {sd:.3f} |")
     return "\n".join(rows)
 
 
@@ -58,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, required=True, help="project whose artifacts/ hold the trained models")
     ap.add_argument("--runs", nargs="+", required=True, help="labels of evaluate.runs; the first is the reference")
+    ap.add_argument("--pairs", nargs="+", default=[], metavar="A,B",
+                    help="time these pairs of evaluate.runs labels instead of --runs' speed-ups")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -65,7 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     params = load_params(args.root / "params.yaml")
     p = params.evaluate
     by_label = {r.label: r for r in p.runs}
-    missing = [label for label in args.runs if label not in by_label]
+    pairs = [tuple(pair.split(",")) for pair in args.pairs]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--pairs {args.pairs}: each is two run labels joined by a comma, a,b")
+    missing = [label for label in args.runs + [x for pair in pairs for x in pair] if label not in by_label]
     if missing:
         raise SystemExit(f"--runs {missing}: not in {args.root / 'params.yaml'} evaluate.runs ({sorted(by_label)})")
     runs = [by_label[label] for label in args.runs]
@@ -73,10 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         ctx = StageContext(name="evaluate", params=params, root=args.root, out_dir=Path(tmp), checkpoint_dir=Path(tmp),
                            fingerprint="bench", tracker=None)
         models = evaluate.Models(ctx, evaluate.load_test_set(args.root, p), torch.device("cpu"), runs[0].stage)
-        found = speedups(models, runs, runs[0], p.latency_repeats, args.trials, Path(tmp))
-    print(f"# {args.root}: {args.trials} trials, median of {p.latency_repeats} after a warm-up, "
-          f"{args.threads} threads\n")
-    print(table(found))
+        if pairs:
+            found = ratios(models, [(by_label[a], by_label[b]) for a, b in pairs], runs[0], p, args.trials, Path(tmp))
+        else:
+            found = speedups(models, runs, runs[0], p.latency_repeats, args.trials, Path(tmp))
+    print(f"# {args.root}: {args.trials} trials, each round count after a warm-up round, {args.threads} threads\n")
+    print(table(found, "latency ratio", "pair") if pairs else table(found, "speed-up", "run"))
     return found
 
 

@@ -392,6 +392,7 @@ class EvaluateParams(Section):
     seeds: Annotated[list[NonNegInt], Field(min_length=1)]
     batch: PositiveInt
     latency_repeats: PositiveInt
+    compare_latency_repeats: PositiveInt  # rounds of each compare pair taking turns, for its latency_ratio
     fad_bootstrap: NonNegInt  # resamples of the generated clips for fad_std and fad_vs_reference_std; 0: none
     compare: list[tuple[str, str]]  # pairs of run labels (a, b): FAD(a) - FAD(b), paired spread, latency ratio
     embedder: EmbedderParams

@@ -35,8 +35,9 @@ latency counts generating and scoring all N), and a sweep of the step schedule's
 Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
 stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}),
 comparisons.json (each pair of `compare`: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread, and
-the latency ratio, each run's latency taken relative to the reference run's beside it; also in the report
-and the tracker as compare.<a> vs <b>.*), the DVC plots
+latency_ratio = latency(a) / latency(b) with its standard error, the two runs timed taking turns with each
+other for `compare_latency_repeats` rounds, the median of the rounds' ratios; also in the report and the
+tracker as compare.<a> vs <b>.*), the DVC plots
 quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
@@ -73,7 +74,7 @@ from presto.errors import InputError, ParamsError
 from presto.eval import adherence, metrics
 from presto.eval.adherence import Measured, Target
 from presto.eval.stereo import channel_correlation, side_embeddings, stereo_comparison, stereo_width
-from presto.eval.timing import take_turns
+from presto.eval.timing import paired_ratio, take_turns
 from presto.distill.presto_l import SCHEDULE_FILE
 from presto.generation import EDM_FILE, MODEL_DIR, Generator, SamplingRecipe
 from presto.models.upmixer import INFO_FILE as UPMIXER_INFO
@@ -93,6 +94,7 @@ PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
 LATENCY_FILE = "latency.json"  # in the checkpoint folder: {run label: its timings}, kept for a rerun
+COMPARE_LATENCY_FILE = "compare_latency.json"  # in the checkpoint folder: {"a vs b": both runs' timed rounds}
 BEST_ALIAS = "best"
 # Candidate j of a clip with seed s has seed s + j * stride: candidate 0 is the run's own clip, and the
 # candidates of different seeds never share a seed (for fewer than `stride` seeds).
@@ -503,7 +505,8 @@ def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict
                    {"stereo": f"{stereo.served} generated, upmixed", **stereo.scores["served"]}]
     tables = [Table("Metrics", ["model", *TABLE_KEYS], rows),
               Table("Paired comparisons: FAD(a) - FAD(b), spread over the same resamples of the prompts",
-                    ["a", "b", "fad_a", "fad_b", "fad_diff", "fad_diff_std", "latency_ratio"], comparisons),
+                    ["a", "b", "fad_a", "fad_b", "fad_diff", "fad_diff_std", "latency_ratio", "latency_ratio_std"],
+                    comparisons),
               Table("Stereo: the upmixer against the real stereo test clips", ["stereo", *STEREO_KEYS, "side_fad"],
                     stereo_rows)]
     by_model: dict[str, list[tuple[float, float, str]]] = {}
@@ -564,16 +567,18 @@ def check_runs(ctx: StageContext, runs: Sequence[EvalRun]) -> None:
 class Models:
     """The models under evaluation and the clips they generate for the test prompts, each set saved to the
     checkpoint folder as soon as it exists and read back on a rerun. Besides the reference run's model (timed
-    beside every other), one model is in memory at a time."""
+    beside every other), one model is in memory at a time, or the two a comparison times together."""
 
     def __init__(self, ctx: StageContext, test: EvalSet, device: torch.device, reference_stage: str):
         self.ctx, self.p, self.test, self.device = ctx, ctx.params.evaluate, test, device
         self.reference_stage = reference_stage
         self._loaded: dict[str, Generator] = {}
 
-    def generator(self, stage: str) -> Generator:
+    def generator(self, stage: str, keep: Sequence[str] = ()) -> Generator:
+        """The stage's model, loaded if it is not in memory; models other than the reference's and `keep`'s
+        are let go first."""
         if stage not in self._loaded:
-            for other in [s for s in self._loaded if s != self.reference_stage]:
+            for other in [s for s in self._loaded if s != self.reference_stage and s not in keep]:
                 del self._loaded[other]
             files = model_files(self.ctx.root, stage)
             generator = Generator.load(files["model_dir"], vae_dir=files["vae"],
@@ -594,9 +599,11 @@ class Models:
         """The run's clips (a clip per prompt and seed) and NFE."""
         return self.clips(f"run-{run.label}", run.stage, run.recipe, self.p.seeds)
 
-    def latency_call(self, run: EvalRun) -> Callable[[], dict[str, float]]:
-        return latency_call(self.generator(run.stage), self.test.prompts[0], self.p.seeds[0], self.p.seconds,
-                            run.recipe)
+    def latency_calls(self, runs: Sequence[EvalRun]) -> dict[str, Callable[[], dict[str, float]]]:
+        """Per run label, its batch-1 latency call; the runs' models are in memory together."""
+        stages = [run.stage for run in runs]
+        return {run.label: latency_call(self.generator(run.stage, keep=stages), self.test.prompts[0],
+                                        self.p.seeds[0], self.p.seconds, run.recipe) for run in runs}
 
 
 def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repeats: int, cache: Path
@@ -609,14 +616,35 @@ def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repea
     progress = Progress("evaluate: timing", len(runs), unit="run", every_s=0.0)
     for k, run_ in enumerate(runs):
         if run_.label not in done:
-            calls = {reference.label: models.latency_call(reference), run_.label: models.latency_call(run_)}
-            timings = take_turns(calls, 1 + repeats)
+            timings = take_turns(models.latency_calls([reference, run_]), 1 + repeats)
             done[run_.label] = {"latency": median_latency(timings[run_.label][1:]),
                                 "reference_ms": median_latency(timings[reference.label][1:])["latency_ms"]}
             write_json(cache, done)
         progress.update(k + 1, latency_ms=done[run_.label]["latency"]["latency_ms"],
                         speedup=done[run_.label]["reference_ms"] / done[run_.label]["latency"]["latency_ms"])
     return {label: (d["latency"], d["reference_ms"]) for label, d in done.items()}
+
+
+def time_pairs(models: Models, pairs: Sequence[tuple[EvalRun, EvalRun]], repeats: int, cache: Path
+               ) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """Per pair (a, b): latency(a) / latency(b) and its standard error (presto.eval.timing.paired_ratio),
+    the two taking turns with each other (a warm-up round, then `repeats` rounds of a, b). Timed directly,
+    not each against the reference run: two runs' medians from different rounds differ by the machine's
+    load between those rounds as much as by the runs. Each pair's rounds are saved to `cache` as soon as
+    they exist and read back on a rerun."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    progress = Progress("evaluate: timing comparisons", len(pairs), unit="pair", every_s=0.0)
+    ratios = {}
+    for k, (a, b) in enumerate(pairs):
+        key = f"{a.label} vs {b.label}"
+        if key not in done:
+            timings = take_turns(models.latency_calls([a, b]), 1 + repeats)
+            done[key] = {"a_ms": [t["total_ms"] for t in timings[a.label][1:]],
+                         "b_ms": [t["total_ms"] for t in timings[b.label][1:]]}
+            write_json(cache, done)
+        ratios[(a.label, b.label)] = paired_ratio(done[key]["a_ms"], done[key]["b_ms"])
+        progress.update(k + 1, latency_ratio=ratios[(a.label, b.label)][0])
+    return ratios
 
 
 def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, nfe: float,
@@ -694,6 +722,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     timed = time_runs(models, p.runs, by_label[p.reference_run], p.latency_repeats,
                       ctx.checkpoint_dir / LATENCY_FILE)
     reference_ms = timed[p.reference_run][0]["latency_ms"]
+    latency_ratios = time_pairs(models, [(by_label[a], by_label[b]) for a, b in p.compare],
+                                p.compare_latency_repeats, ctx.checkpoint_dir / COMPARE_LATENCY_FILE)
 
     scorer.set_baseline(generated[p.reference_run][0], p.reference_run)
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -706,7 +736,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
               flush=True)
     clips = {label: audio for label, (audio, _) in generated.items()}
     comparisons = compare_runs(p.compare, {r.label: results[r.name][str(r.recipe.steps)] for r in p.runs},
-                               scorer.draw_fads)
+                               scorer.draw_fads, latency_ratios)
 
     scaled: dict[str, dict[str, dict[str, Any]]] = {}
     notes = []
@@ -737,6 +767,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
              f"Latency: batch 1, warm, median of {p.latency_repeats} runs on {device.type} with "
              f"{torch.get_num_threads()} threads; text encoding, sampling and VAE decode included. Each run took "
              f"turns with {p.reference_run}: speedup_vs_base is the ratio of the two over the same rounds. "
+             f"Each compared pair took turns with each other for {p.compare_latency_repeats} rounds: its "
+             "latency_ratio is the median of the rounds' ratios, with that median's standard error. "
              "RTF = seconds of audio per second of latency.",
              "With few clips FAD is biased upwards: compare runs at equal counts only."
              + ("" if scorer.text is not None else " On this (non-CLAP) embedding FAD, MMD and PRDC compare our "
@@ -766,24 +798,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None}
                             | flatten_metrics(stereo_json, "stereo.")
                             | {f"compare.{c['a']} vs {c['b']}.{k}": c[k] for c in comparisons
-                               for k in ("fad_diff", "fad_diff_std", "latency_ratio") if c[k] is not None})
+                               for k in ("fad_diff", "fad_diff_std", "latency_ratio", "latency_ratio_std")
+                               if c[k] is not None})
     register_models(ctx, p, results, served)
     return results | scaled
 
 
 def compare_runs(pairs: Sequence[tuple[str, str]], entries: dict[str, dict[str, Any]],
-                 draw_fads: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+                 draw_fads: dict[str, np.ndarray], latency_ratios: dict[tuple[str, str], tuple[float, float | None]]
+                 ) -> list[dict[str, Any]]:
     """For each pair (a, b) of run labels: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread (both
     sets resampled by the same draws of prompts; null without draws), and latency_ratio = latency(a) /
-    latency(b), each taken relative to the reference run timed beside it (the ratio of their speed-ups).
-    Negative fad_diff: a scores better; |fad_diff| below ~2 fad_diff_std is within noise."""
+    latency(b) with its standard error, from `latency_ratios` (time_pairs). Negative fad_diff: a scores
+    better; |fad_diff| below ~2 fad_diff_std is within noise, and so is |latency_ratio - 1| below ~2
+    latency_ratio_std."""
     out = []
     for a, b in pairs:
         paired = a in draw_fads and b in draw_fads
+        ratio, ratio_std = latency_ratios[(a, b)]
         out.append({"a": a, "b": b, "fad_a": entries[a]["fad"], "fad_b": entries[b]["fad"],
                     "fad_diff": entries[a]["fad"] - entries[b]["fad"],
                     "fad_diff_std": float((draw_fads[a] - draw_fads[b]).std(ddof=1)) if paired else None,
-                    "latency_ratio": entries[b]["speedup_vs_base"] / entries[a]["speedup_vs_base"]})
+                    "latency_ratio": ratio, "latency_ratio_std": ratio_std})
     return out
 
 

@@ -119,6 +119,18 @@ def test_eval_timing_repeats_both_ways_of_timing(tmp_path: Path, capsys):
     assert found["paired"]["base/3"] == found["separate"]["base/3"] == [1.0, 1.0]  # the reference over itself
     assert all(len(v) == 2 and min(v) > 0 for by_run in found.values() for v in by_run.values())
     ((header, rows),) = tables(capsys.readouterr().out)
-    assert header == ["timing", "run", "speed-up per trial", "spread"]
+    assert header == ["timing", "run", "speed-up per trial", "spread", "sd"]
     assert [r[:2] for r in rows] == [["paired", "base/3"], ["paired", "ase/3"], ["separate", "base/3"],
                                      ["separate", "ase/3"]]
+    # Comparisons: the pair's ratio taken directly and through the reference run, each trial.
+    found = bench_module("eval_timing").main(["--root", str(tmp_path), "--runs", "base/3", "--pairs",
+                                              "ase/3,presto_s/2", "--trials", "2", "--threads", "1"])
+    assert list(found) == ["pair, 3 rounds", "pair, 3 rounds: latency_ratio_std", "via reference, 1 rounds"]
+    for by_pair in found.values():
+        assert list(by_pair) == ["ase/3 / presto_s/2"] and len(by_pair["ase/3 / presto_s/2"]) == 2
+        assert min(by_pair["ase/3 / presto_s/2"]) >= 0
+    ((header, rows),) = tables(capsys.readouterr().out)
+    assert header == ["timing", "pair", "latency ratio per trial", "spread", "sd"]
+    assert [r[0] for r in rows] == list(found)
+    with pytest.raises(SystemExit, match="two run labels"):
+        bench_module("eval_timing").main(["--root", str(tmp_path), "--runs", "base/3", "--pairs", "ase/3"])

@@ -76,7 +76,7 @@ TINY = {
                   "eval_steps": [1, 2]},
     "evaluate": {"runs": [_run_of(name, stage, sampler, steps) for name, stage, sampler, steps in EVALUATED],
                  "reference_run": "base/2", "n_prompts": 3, "reference_clips": 3, "prdc_k": 2, "seconds": 1.0,
-                 "latency_repeats": 1, "rho_sweep": {"run": "presto_s/1", "rhos": [1.0]},
+                 "latency_repeats": 1, "compare_latency_repeats": 2, "rho_sweep": {"run": "presto_s/1", "rhos": [1.0]},
                  "compare": [["presto_l/2", "ase/2"], ["presto_ls/1", "presto_s/1"]],
                  "best_of_n": {"runs": ["presto_s/1"], "max_candidates": 2,
                                "latency_budget_ms": 1.0e6}},  # room for both candidates: not timing-dependent
