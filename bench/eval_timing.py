@@ -4,17 +4,17 @@ Speed-ups: each run's speed-up over the reference run, the way evaluate times it
 the reference run, `stages.evaluate.time_runs`, `evaluate.latency_repeats` rounds) beside timing each run on
 its own, one after the other.
 
-Comparisons (--pairs a,b ...; instead of the speed-ups): the latency ratio a / b the way evaluate takes it (a and b taking turns with
-each other, `stages.evaluate.time_pairs`, `evaluate.compare_latency_repeats` rounds) beside the ratio of the
-two runs' speed-ups over the reference run, which is how evaluate took it before.
+Comparisons (--pairs a,b ..., instead of the speed-ups): the latency ratio a / b the way evaluate takes it (a
+and b taking turns with each other, `stages.evaluate.time_pairs`, `evaluate.compare_latency_repeats` rounds)
+beside the ratio of the two runs' speed-ups over the reference run (--runs' first), as evaluate took it before.
 
 All use evaluate's batch-1 call (its first test prompt; text + sampling + decode) after a warm-up round, with
 --threads CPU threads. A number's spread is (max - min) / mean over the trials, sd its standard deviation over
 them.
 
     .venv/bin/python bench/eval_timing.py --root /tmp/demo4 --runs base/32 presto_l/32 ase/32 --trials 3
-    .venv/bin/python bench/eval_timing.py --root /tmp/demo20 --runs base/32 presto_s/2 presto_ls/2 \
-        --pairs presto_ls/2,presto_s/2 --trials 5
+    .venv/bin/python bench/eval_timing.py --root /tmp/demo20 --runs base/32 --pairs presto_ls/2,presto_s/2 \
+        presto_l/32,ase/32 --trials 5
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
             found = ratios(models, [(by_label[a], by_label[b]) for a, b in pairs], runs[0], p, args.trials, Path(tmp))
         else:
             found = speedups(models, runs, runs[0], p.latency_repeats, args.trials, Path(tmp))
-    print(f"# {args.root}: {args.trials} trials, each round count after a warm-up round, {args.threads} threads\n")
+    print(f"# {args.root}: {args.trials} trials, every timing after a warm-up round, {args.threads} threads\n")
     print(table(found, "latency ratio", "pair") if pairs else table(found, "speed-up", "run"))
     return found
 
