@@ -1,8 +1,9 @@
 """How repeatable evaluate's speed numbers are, timed `--trials` times on a project's trained models.
 
 Speed-ups: each run's speed-up over the reference run, the way evaluate times it (each run taking turns with
-the reference run, `stages.evaluate.time_runs`, `evaluate.latency_repeats` rounds) beside timing each run on
-its own, one after the other.
+the reference run, `stages.evaluate.time_runs`, `evaluate.latency_repeats` rounds, the median of the rounds'
+ratios) with the standard error evaluate gives it, beside the ratio of the two runs' medians over the same
+rounds (as evaluate took it before) and beside timing each run on its own, one after the other.
 
 Comparisons (--pairs a,b ..., instead of the speed-ups): the latency ratio a / b the way evaluate takes it (a
 and b taking turns with each other, `stages.evaluate.time_pairs`, `evaluate.compare_latency_repeats` rounds)
@@ -20,11 +21,11 @@ them.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +38,18 @@ from stages.base import StageContext  # noqa: E402
 
 def speedups(models: evaluate.Models, runs: list, reference, repeats: int, trials: int, folder: Path
              ) -> dict[str, dict[str, list[float]]]:
-    """{"paired" | "separate": {run label: its speed-up in each trial, the median of `repeats` rounds}};
-    `folder` takes time_runs' files."""
-    out: dict[str, dict[str, list[float]]] = {"paired": {}, "separate": {}}
+    """{timing: {run label: its speed-up in each trial}}: "paired", evaluate's (the median of the `repeats`
+    rounds' ratios), with its standard error under "paired: speedup_vs_base_std"; "paired, ratio of medians",
+    the same rounds as evaluate took them before; "separate", each run timed on its own. `folder` takes
+    time_runs' files."""
+    error, medians = "paired: speedup_vs_base_std", "paired, ratio of medians"
+    out: dict[str, dict[str, list[float]]] = {"paired": {}, error: {}, medians: {}, "separate": {}}
     for trial in range(trials):
         timed = evaluate.time_runs(models, runs, reference, repeats, folder / f"latency-{trial}.json")
-        for label, (latency, reference_ms) in timed.items():
-            out["paired"].setdefault(label, []).append(reference_ms / latency["latency_ms"])
+        for label, speed in timed.items():
+            out["paired"].setdefault(label, []).append(speed.speedup)
+            out[error].setdefault(label, []).append(float("nan") if speed.speedup_std is None else speed.speedup_std)
+            out[medians].setdefault(label, []).append(speed.reference_ms / speed.latency["latency_ms"])
         alone = {}
         for run in runs:
             call = models.latency_calls([run])[run.label]
@@ -71,8 +77,7 @@ def ratios(models: evaluate.Models, pairs: list, reference, p, trials: int, fold
             ratio, std = found[(a.label, b.label)]
             out[direct].setdefault(key, []).append(ratio)
             out[error].setdefault(key, []).append(float("nan") if std is None else std)
-            speedup = {r.label: timed[r.label][1] / timed[r.label][0]["latency_ms"] for r in (a, b)}
-            out[via].setdefault(key, []).append(speedup[b.label] / speedup[a.label])
+            out[via].setdefault(key, []).append(timed[b.label].speedup / timed[a.label].speedup)
     return out
 
 
@@ -80,9 +85,9 @@ def table(found: dict[str, dict[str, list[float]]], what: str, of: str) -> str:
     rows = [f"| timing | {of} | {what} per trial | spread | sd |", "|---|---|---|---:|---:|"]
     for how, by_run in found.items():
         for label, values in by_run.items():
-            mean = statistics.mean(values)
+            mean = float(np.mean(values))  # NaN where a value is (a standard error from one round)
             spread = (max(values) - min(values)) / mean if mean > 0 else float("nan")
-            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             rows.append(f"| {how} | {label} | {' / '.join(f'{v:.3f}' for v in values)} | {100 * spread:.1f} % "
                         f"| {sd:.3f} |")
     return "\n".join(rows)

@@ -391,7 +391,7 @@ class EvaluateParams(Section):
     seconds: PositiveFloat
     seeds: Annotated[list[NonNegInt], Field(min_length=1)]
     batch: PositiveInt
-    latency_repeats: PositiveInt
+    latency_repeats: PositiveInt  # rounds of each run taking turns with reference_run, for its speedup_vs_base
     compare_latency_repeats: PositiveInt  # rounds of each compare pair taking turns, for its latency_ratio
     fad_bootstrap: NonNegInt  # resamples of the generated clips for fad_std and fad_vs_reference_std; 0: none
     compare: list[tuple[str, str]]  # pairs of run labels (a, b): FAD(a) - FAD(b), paired spread, latency ratio

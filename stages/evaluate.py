@@ -16,11 +16,12 @@ the same length:
   speed    nfe (CFG counts 2 per step); latency_ms at batch 1: warm, the median of `latency_repeats` runs,
            text encoding + sampling + VAE decode, broken down as latency_{text,sample,decode}_ms;
            rtf = seconds of audio per second of latency (the paper's convention: 32 s in 43.34 s is 0.74);
-           speedup_vs_base = reference_latency_ms / latency_ms, where reference_latency_ms is the median of
-           `reference_run` over the same rounds: each run takes turns with the reference run, so a load that
-           changes between runs (another process on the machine) moves both sides of the ratio; upmix_ms,
-           the upmixer's time for the same seconds (warm, median of as many runs), and latency_stereo_ms =
-           latency_ms + upmix_ms
+           speedup_vs_base, how many times faster than `reference_run` the run is: each run takes turns with
+           the reference run for `latency_repeats` rounds, and this is the median of the rounds' ratios
+           (reference / run), so a load that changes between rounds (another process on the machine) moves
+           both sides of each ratio; speedup_vs_base_std, that median's standard error; reference_latency_ms,
+           the reference run's median over those rounds; upmix_ms, the upmixer's time for the same seconds
+           (warm, median of as many runs), and latency_stereo_ms = latency_ms + upmix_ms
 
 Stereo (the train_stereo upmixer, which every model is registered and served with): the real stereo clips
 among the reference clips, upmixed from their downmix, against the real ones, beside dual mono (side = 0):
@@ -103,7 +104,7 @@ BOOTSTRAP_SEED = 0
 QUALITY_KEYS = ("fad", "fad_std", "fad_vs_reference", "fad_vs_reference_std", "mmd", "density", "recall",
                 "coverage", "clap_score", "tempo_error", "key_accuracy", "key_mirex")
 TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_stereo_ms", "latency_text_ms", "latency_sample_ms",
-                             "latency_decode_ms", "rtf", "speedup_vs_base")
+                             "latency_decode_ms", "rtf", "speedup_vs_base", "speedup_vs_base_std")
 # stereo.json: these for the upmixer and for dual mono, each with side_fad
 STEREO_KEYS = ("side_stft_distance", "channel_stft_distance", "correlation", "correlation_error", "width",
                "width_error")
@@ -383,12 +384,28 @@ def measure_upmix(upmixer: Upmixer, clip: np.ndarray, repeats: int) -> float:
     return float(np.median([upmix(upmixer, clip)[1] for _ in range(repeats)]))
 
 
-def speed(latency: dict[str, float], nfe: float, seconds: float, reference_ms: float,
-          upmix_ms: float) -> dict[str, float]:
-    """A run's speed numbers; `reference_ms`: the reference run's latency in the rounds that timed this run."""
-    return latency | {"nfe": nfe, "rtf": seconds / (latency["latency_ms"] / 1e3),
-                      "reference_latency_ms": reference_ms, "speedup_vs_base": reference_ms / latency["latency_ms"],
-                      "upmix_ms": upmix_ms, "latency_stereo_ms": latency["latency_ms"] + upmix_ms}
+@dataclass(frozen=True)
+class Timed:
+    """A run's batch-1 speed, from the rounds it took turns with the reference run."""
+    latency: dict[str, float]  # latency_ms and latency_{text,sample,decode}_ms: medians over the rounds
+    reference_ms: float  # the reference run's median over the same rounds
+    speedup: float  # the median of the rounds' ratios reference / run (paired_ratio)
+    speedup_std: float | None  # its standard error; None from one round
+
+    def slower(self, latency: dict[str, float]) -> Timed:
+        """The same rounds, had each generation taken `latency` instead (best of N: N candidates and their
+        scoring): the speed-up shrinks by the ratio of the two latencies and keeps its relative error."""
+        scale = self.latency["latency_ms"] / latency["latency_ms"]
+        return Timed(latency, self.reference_ms, self.speedup * scale,
+                     None if self.speedup_std is None else self.speedup_std * scale)
+
+
+def speed(timed: Timed, nfe: float, seconds: float, upmix_ms: float) -> dict[str, float | None]:
+    """A run's speed numbers."""
+    return timed.latency | {"nfe": nfe, "rtf": seconds / (timed.latency["latency_ms"] / 1e3),
+                            "reference_latency_ms": timed.reference_ms, "speedup_vs_base": timed.speedup,
+                            "speedup_vs_base_std": timed.speedup_std, "upmix_ms": upmix_ms,
+                            "latency_stereo_ms": timed.latency["latency_ms"] + upmix_ms}
 
 
 # ---- stereo ---------------------------------------------------------------------------------------------
@@ -606,56 +623,64 @@ class Models:
                                         self.p.seeds[0], self.p.seconds, run.recipe) for run in runs}
 
 
+def timed_rounds(models: Models, a: EvalRun, b: EvalRun, repeats: int) -> dict[str, list[dict[str, float]]]:
+    """Per run label, the timings of a and b taking turns with each other: a warm-up round (dropped), then
+    `repeats` rounds of a, b. A run paired with itself is timed alone."""
+    timings = take_turns(models.latency_calls([a, b]), 1 + repeats)
+    return {label: calls[1:] for label, calls in timings.items()}
+
+
 def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repeats: int, cache: Path
-              ) -> dict[str, tuple[dict[str, float], float]]:
-    """Per run label: its batch-1 latency, and the reference run's median over the same rounds. Each run takes
-    turns with the reference run (a warm-up round, then `repeats` rounds of reference, run), so that the
-    ratio of the two holds while the machine's load changes from run to run; the reference run is timed
-    alone. Each run's numbers are saved to `cache` as soon as they exist and read back on a rerun."""
+              ) -> dict[str, Timed]:
+    """Per run label, its speed: each run takes turns with the reference run for `repeats` rounds
+    (timed_rounds), and its speed-up is the median of the rounds' ratios with its standard error
+    (paired_ratio), so that a load that changes from round to round cancels. Each run's rounds are saved to
+    `cache` as soon as they exist and read back on a rerun."""
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     progress = Progress("evaluate: timing", len(runs), unit="run", every_s=0.0)
+    timed = {}
     for k, run_ in enumerate(runs):
         if run_.label not in done:
-            timings = take_turns(models.latency_calls([reference, run_]), 1 + repeats)
-            done[run_.label] = {"latency": median_latency(timings[run_.label][1:]),
-                                "reference_ms": median_latency(timings[reference.label][1:])["latency_ms"]}
+            rounds = timed_rounds(models, reference, run_, repeats)
+            done[run_.label] = {"run": rounds[run_.label], "reference": rounds[reference.label]}
             write_json(cache, done)
-        progress.update(k + 1, latency_ms=done[run_.label]["latency"]["latency_ms"],
-                        speedup=done[run_.label]["reference_ms"] / done[run_.label]["latency"]["latency_ms"])
-    return {label: (d["latency"], d["reference_ms"]) for label, d in done.items()}
+        reference_ms = [t["total_ms"] for t in done[run_.label]["reference"]]
+        speedup, speedup_std = paired_ratio(reference_ms, [t["total_ms"] for t in done[run_.label]["run"]])
+        timed[run_.label] = Timed(median_latency(done[run_.label]["run"]), float(np.median(reference_ms)),
+                                  speedup, speedup_std)
+        progress.update(k + 1, latency_ms=timed[run_.label].latency["latency_ms"], speedup=speedup)
+    return timed
 
 
 def time_pairs(models: Models, pairs: Sequence[tuple[EvalRun, EvalRun]], repeats: int, cache: Path
                ) -> dict[tuple[str, str], tuple[float, float | None]]:
     """Per pair (a, b): latency(a) / latency(b) and its standard error (presto.eval.timing.paired_ratio),
-    the two taking turns with each other (a warm-up round, then `repeats` rounds of a, b). Timed directly,
-    not each against the reference run: two runs' medians from different rounds differ by the machine's
-    load between those rounds as much as by the runs. Each pair's rounds are saved to `cache` as soon as
-    they exist and read back on a rerun."""
+    the two taking turns with each other (timed_rounds). Timed directly, not each against the reference
+    run: two runs' medians from different rounds differ by the machine's load between those rounds as much
+    as by the runs. Each pair's rounds are saved to `cache` as soon as they exist and read back on a rerun."""
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     progress = Progress("evaluate: timing comparisons", len(pairs), unit="pair", every_s=0.0)
     ratios = {}
     for k, (a, b) in enumerate(pairs):
         key = f"{a.label} vs {b.label}"
         if key not in done:
-            timings = take_turns(models.latency_calls([a, b]), 1 + repeats)
-            done[key] = {"a_ms": [t["total_ms"] for t in timings[a.label][1:]],
-                         "b_ms": [t["total_ms"] for t in timings[b.label][1:]]}
+            rounds = timed_rounds(models, a, b, repeats)
+            done[key] = {"a_ms": [t["total_ms"] for t in rounds[a.label]],
+                         "b_ms": [t["total_ms"] for t in rounds[b.label]]}
             write_json(cache, done)
         ratios[(a.label, b.label)] = paired_ratio(done[key]["a_ms"], done[key]["b_ms"])
         progress.update(k + 1, latency_ratio=ratios[(a.label, b.label)][0])
     return ratios
 
 
-def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, nfe: float,
-              latency: dict[str, float], budget_ms: float, reference_ms: float, upmix_ms: float
-              ) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
+def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, nfe: float, timed: Timed,
+              budget_ms: float, upmix_ms: float) -> tuple[dict[str, Any] | None, np.ndarray | None, str]:
     """The run with N candidates per clip, N as many as fit `budget_ms` (generating and scoring each, at
     batch 1) up to max_candidates, the best by the selection score kept: (entry, chosen clips, a note), or
     (None, None, note) when a second candidate does not fit."""
     p = models.p
     scores = [scorer.selection_scores(audio)]
-    per_candidate_ms = latency["latency_ms"] + scorer.score_ms
+    per_candidate_ms = timed.latency["latency_ms"] + scorer.score_ms
     n = min(p.best_of_n.max_candidates, int(budget_ms // per_candidate_ms))
     if n < 2:
         return None, None, (f"best of N for {run.label}: one candidate ({per_candidate_ms:.0f} ms) fills the budget "
@@ -668,9 +693,9 @@ def best_of_n(models: Models, scorer: Scorer, run: EvalRun, audio: np.ndarray, n
         scores.append(scorer.selection_scores(candidate))
     pick = adherence.best_candidates(np.stack(scores, axis=1))
     chosen = np.stack([candidates[j][i] for i, j in enumerate(pick)])
-    latency = {k: n * v for k, v in latency.items()}
+    latency = {k: n * v for k, v in timed.latency.items()}
     latency["latency_ms"] += n * scorer.score_ms
-    entry = (scorer.score(chosen) | speed(latency, n * nfe, p.seconds, reference_ms, upmix_ms)
+    entry = (scorer.score(chosen) | speed(timed.slower(latency), n * nfe, p.seconds, upmix_ms)
              | {"candidates": float(n), "latency_score_ms": n * scorer.score_ms})
     how = ("CLAP score" if scorer.text is not None else
            "tempo/key adherence (what the table's tempo and key columns measure: they improve by construction)")
@@ -721,7 +746,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         progress.update(k + 1)
     timed = time_runs(models, p.runs, by_label[p.reference_run], p.latency_repeats,
                       ctx.checkpoint_dir / LATENCY_FILE)
-    reference_ms = timed[p.reference_run][0]["latency_ms"]
+    reference_ms = timed[p.reference_run].latency["latency_ms"]
     latency_ratios = time_pairs(models, [(by_label[a], by_label[b]) for a, b in p.compare],
                                 p.compare_latency_repeats, ctx.checkpoint_dir / COMPARE_LATENCY_FILE)
 
@@ -729,8 +754,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for run_ in p.runs:
         audio, info = generated[run_.label]
-        latency, paired_ms = timed[run_.label]
-        entry = scorer.score(audio, run_.label) | speed(latency, info["nfe"], p.seconds, paired_ms, upmix_ms)
+        entry = scorer.score(audio, run_.label) | speed(timed[run_.label], info["nfe"], p.seconds, upmix_ms)
         results.setdefault(run_.name, {})[str(run_.recipe.steps)] = entry
         print(f"evaluate: {run_.label}: " + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if v is not None),
               flush=True)
@@ -743,9 +767,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for label in p.best_of_n.runs:
         run_ = by_label[label]
         audio, info = generated[label]
-        latency, paired_ms = timed[label]
-        entry, chosen, note = best_of_n(models, scorer, run_, audio, info["nfe"], latency,
-                                        p.best_of_n.latency_budget_ms or reference_ms, paired_ms, upmix_ms)
+        entry, chosen, note = best_of_n(models, scorer, run_, audio, info["nfe"], timed[label],
+                                        p.best_of_n.latency_budget_ms or reference_ms, upmix_ms)
         notes.append(note)
         if entry is not None:
             scaled.setdefault(f"{run_.name}_best_of_n", {})[str(run_.recipe.steps)] = entry
@@ -766,7 +789,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
              f"against {len(test.reference)} real test clips; embedding {embedder.name}.",
              f"Latency: batch 1, warm, median of {p.latency_repeats} runs on {device.type} with "
              f"{torch.get_num_threads()} threads; text encoding, sampling and VAE decode included. Each run took "
-             f"turns with {p.reference_run}: speedup_vs_base is the ratio of the two over the same rounds. "
+             f"turns with {p.reference_run}: speedup_vs_base is the median of the rounds' ratios, with that median's "
+             "standard error (speedup_vs_base_std). "
              f"Each compared pair took turns with each other for {p.compare_latency_repeats} rounds: its "
              "latency_ratio is the median of the rounds' ratios, with that median's standard error. "
              "RTF = seconds of audio per second of latency.",
