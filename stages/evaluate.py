@@ -94,7 +94,7 @@ COMPARE_FILE = "comparisons.json"  # the paired FAD differences of `compare`: [{
 PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
-LATENCY_FILE = "latency.json"  # in the checkpoint folder: {run label: its timings}, kept for a rerun
+LATENCY_FILE = "latency.json"  # in the checkpoint folder: {run label: the reference's (a) and its (b) rounds}
 COMPARE_LATENCY_FILE = "compare_latency.json"  # in the checkpoint folder: {"a vs b": both runs' timed rounds}
 BEST_ALIAS = "best"
 # Candidate j of a clip with seed s has seed s + j * stride: candidate 0 is the run's own clip, and the
@@ -623,32 +623,38 @@ class Models:
                                         self.p.seeds[0], self.p.seconds, run.recipe) for run in runs}
 
 
-def timed_rounds(models: Models, a: EvalRun, b: EvalRun, repeats: int) -> dict[str, list[dict[str, float]]]:
-    """Per run label, the timings of a and b taking turns with each other: a warm-up round (dropped), then
-    `repeats` rounds of a, b. A run paired with itself is timed alone."""
-    timings = take_turns(models.latency_calls([a, b]), 1 + repeats)
-    return {label: calls[1:] for label, calls in timings.items()}
+def timed_rounds(models: Models, pairs: dict[str, tuple[EvalRun, EvalRun]], repeats: int, cache: Path
+                 ) -> Iterator[tuple[str, list[dict[str, float]], list[dict[str, float]]]]:
+    """For each key of `pairs` (a, b): the key and the timings of a and of b, the two taking turns with each
+    other (a warm-up round, dropped, then `repeats` rounds of a, b; a run paired with itself is timed alone).
+    Each key's rounds are saved to `cache` as soon as they exist and read back on a rerun."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    for key, (a, b) in pairs.items():
+        if key not in done:
+            timings = take_turns(models.latency_calls([a, b]), 1 + repeats)
+            done[key] = {"a": timings[a.label][1:], "b": timings[b.label][1:]}
+            write_json(cache, done)
+        yield key, done[key]["a"], done[key]["b"]
+
+
+def totals(rounds: Sequence[dict[str, float]]) -> list[float]:
+    """Each timed call's whole latency (ms)."""
+    return [t["total_ms"] for t in rounds]
 
 
 def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repeats: int, cache: Path
               ) -> dict[str, Timed]:
     """Per run label, its speed: each run takes turns with the reference run for `repeats` rounds
     (timed_rounds), and its speed-up is the median of the rounds' ratios with its standard error
-    (paired_ratio), so that a load that changes from round to round cancels. Each run's rounds are saved to
-    `cache` as soon as they exist and read back on a rerun."""
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    (paired_ratio), so that a load that changes from round to round cancels."""
     progress = Progress("evaluate: timing", len(runs), unit="run", every_s=0.0)
     timed = {}
-    for k, run_ in enumerate(runs):
-        if run_.label not in done:
-            rounds = timed_rounds(models, reference, run_, repeats)
-            done[run_.label] = {"run": rounds[run_.label], "reference": rounds[reference.label]}
-            write_json(cache, done)
-        reference_ms = [t["total_ms"] for t in done[run_.label]["reference"]]
-        speedup, speedup_std = paired_ratio(reference_ms, [t["total_ms"] for t in done[run_.label]["run"]])
-        timed[run_.label] = Timed(median_latency(done[run_.label]["run"]), float(np.median(reference_ms)),
-                                  speedup, speedup_std)
-        progress.update(k + 1, latency_ms=timed[run_.label].latency["latency_ms"], speedup=speedup)
+    rounds = timed_rounds(models, {run_.label: (reference, run_) for run_ in runs}, repeats, cache)
+    for k, (label, reference_rounds, run_rounds) in enumerate(rounds):
+        speedup, speedup_std = paired_ratio(totals(reference_rounds), totals(run_rounds))
+        timed[label] = Timed(median_latency(run_rounds), float(np.median(totals(reference_rounds))), speedup,
+                             speedup_std)
+        progress.update(k + 1, latency_ms=timed[label].latency["latency_ms"], speedup=speedup)
     return timed
 
 
@@ -657,19 +663,14 @@ def time_pairs(models: Models, pairs: Sequence[tuple[EvalRun, EvalRun]], repeats
     """Per pair (a, b): latency(a) / latency(b) and its standard error (presto.eval.timing.paired_ratio),
     the two taking turns with each other (timed_rounds). Timed directly, not each against the reference
     run: two runs' medians from different rounds differ by the machine's load between those rounds as much
-    as by the runs. Each pair's rounds are saved to `cache` as soon as they exist and read back on a rerun."""
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    as by the runs."""
     progress = Progress("evaluate: timing comparisons", len(pairs), unit="pair", every_s=0.0)
     ratios = {}
-    for k, (a, b) in enumerate(pairs):
-        key = f"{a.label} vs {b.label}"
-        if key not in done:
-            rounds = timed_rounds(models, a, b, repeats)
-            done[key] = {"a_ms": [t["total_ms"] for t in rounds[a.label]],
-                         "b_ms": [t["total_ms"] for t in rounds[b.label]]}
-            write_json(cache, done)
-        ratios[(a.label, b.label)] = paired_ratio(done[key]["a_ms"], done[key]["b_ms"])
-        progress.update(k + 1, latency_ratio=ratios[(a.label, b.label)][0])
+    keyed = {f"{a.label} vs {b.label}": (a.label, b.label) for a, b in pairs}
+    rounds = timed_rounds(models, {key: pair for key, pair in zip(keyed, pairs)}, repeats, cache)
+    for k, (key, a_rounds, b_rounds) in enumerate(rounds):
+        ratios[keyed[key]] = paired_ratio(totals(a_rounds), totals(b_rounds))
+        progress.update(k + 1, latency_ratio=ratios[keyed[key]][0])
     return ratios
 
 
