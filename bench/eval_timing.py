@@ -73,8 +73,8 @@ def ratios(models: evaluate.Models, pairs: list, reference, p, trials: int, fold
         found = evaluate.time_pairs(models, pairs, p.compare_latency_repeats, folder / f"pairs-{trial}.json")
         timed = evaluate.time_runs(models, runs, reference, p.latency_repeats, folder / f"latency-{trial}.json")
         for a, b in pairs:
-            key = f"{a.label} / {b.label}"
-            ratio, std = found[(a.label, b.label)]
+            key = evaluate.pair_key(a.label, b.label)
+            ratio, std = found[key]
             out[direct].setdefault(key, []).append(ratio)
             out[error].setdefault(key, []).append(float("nan") if std is None else std)
             out[via].setdefault(key, []).append(timed[b.label].speedup / timed[a.label].speedup)

@@ -24,7 +24,7 @@ def _stage_entry(spec: StageSpec) -> dict:
 
 def render() -> str:
     doc = {"stages": {s.name: _stage_entry(s) for s in STAGES},
-           "metrics": [s.metrics for s in STAGES]}
+           "metrics": [path for s in STAGES for path in s.metrics_files]}
     plots = [{f"{s.out}/{p.file}": {"x": p.x, "y": p.y, "title": p.title}} for s in STAGES for p in s.plots]
     if plots:
         doc["plots"] = plots

@@ -35,10 +35,11 @@ latency counts generating and scoring all N), and a sweep of the step schedule's
 
 Out (artifacts/evaluate): metrics.json ({name: {steps: {...}}}, best-of-N runs as <name>_best_of_n),
 stereo.json (the stereo scores: {"upmixer": {...}, "dual_mono": {...}, "real": {...}, "served": {...}}),
-comparisons.json (each pair of `compare`: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread, and
-latency_ratio = latency(a) / latency(b) with its standard error, the two runs timed taking turns with each
-other for `compare_latency_repeats` rounds, the median of the rounds' ratios; also in the report and the
-tracker as compare.<a> vs <b>.*), the DVC plots
+comparisons.json (per pair of `compare`, keyed "<a> vs <b>": fad_diff = FAD(a) - FAD(b) with its paired
+bootstrap spread, and latency_ratio = latency(a) / latency(b) with its standard error, the two runs timed taking
+turns with each other for `compare_latency_repeats` rounds, the median of the rounds' ratios; also in the report
+and the tracker as compare.<a> vs <b>.*). stereo.json and comparisons.json are DVC metrics beside metrics.json,
+so `dvc exp show` lists the paired differences of each experiment (a fine-tune seed, a schedule). The DVC plots
 quality_vs_latency.json, fad_vs_steps.json, fad_vs_rho.json, and report.html (with the served
 model's clips upmixed, and real stereo test clips beside their upmix and their mono downmix). The report
 and plots go to the tracker, and every model is registered there (presto-<name>, with its best run's recipe,
@@ -90,7 +91,7 @@ from stages.train_stereo import stereo_clip
 
 REPORT = "report.html"
 STEREO_FILE = "stereo.json"  # the stereo scores: not per model and step count, so not in metrics.json
-COMPARE_FILE = "comparisons.json"  # the paired FAD differences of `compare`: [{a, b, fad_diff, ...}]
+COMPARE_FILE = "comparisons.json"  # the paired differences of `compare`: {"a vs b": {fad_diff, ...}}
 PLOT_QUALITY = "quality_vs_latency.json"
 PLOT_STEPS = "fad_vs_steps.json"
 PLOT_RHO = "fad_vs_rho.json"
@@ -108,6 +109,8 @@ TABLE_KEYS = QUALITY_KEYS + ("nfe", "latency_ms", "latency_stereo_ms", "latency_
 # stereo.json: these for the upmixer and for dual mono, each with side_fad
 STEREO_KEYS = ("side_stft_distance", "channel_stft_distance", "correlation", "correlation_error", "width",
                "width_error")
+# comparisons.json: these for each compared pair
+COMPARE_KEYS = ("fad_a", "fad_b", "fad_diff", "fad_diff_std", "latency_ratio", "latency_ratio_std")
 
 
 # ---- the models -----------------------------------------------------------------------------------------
@@ -510,7 +513,7 @@ def stereo_listen_rows(test: EvalSet, upmixed: np.ndarray, count: int) -> list[A
 
 def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict[str, Any]]],
                  clips: dict[str, np.ndarray], real_scores: dict[str, float | None], rho_records: list[dict],
-                 comparisons: list[dict[str, Any]], notes: list[str], seeds: int, stereo: StereoReport,
+                 comparisons: dict[str, dict[str, Any]], notes: list[str], seeds: int, stereo: StereoReport,
                  stereo_listen_clips: int) -> None:
     from presto.eval.report import ListenGrid, ListenRow, Table, line_plot, render_report
 
@@ -522,8 +525,7 @@ def write_report(path: Path, *, test: EvalSet, results: dict[str, dict[str, dict
                    {"stereo": f"{stereo.served} generated, upmixed", **stereo.scores["served"]}]
     tables = [Table("Metrics", ["model", *TABLE_KEYS], rows),
               Table("Paired comparisons: FAD(a) - FAD(b), spread over the same resamples of the prompts",
-                    ["a", "b", "fad_a", "fad_b", "fad_diff", "fad_diff_std", "latency_ratio", "latency_ratio_std"],
-                    comparisons),
+                    ["a vs b", *COMPARE_KEYS], [{"a vs b": key, **entry} for key, entry in comparisons.items()]),
               Table("Stereo: the upmixer against the real stereo test clips", ["stereo", *STEREO_KEYS, "side_fad"],
                     stereo_rows)]
     by_model: dict[str, list[tuple[float, float, str]]] = {}
@@ -658,19 +660,23 @@ def time_runs(models: Models, runs: Sequence[EvalRun], reference: EvalRun, repea
     return timed
 
 
+def pair_key(a: str, b: str) -> str:
+    """How a compared pair of run labels is named in comparisons.json, the tracker and the timing cache."""
+    return f"{a} vs {b}"
+
+
 def time_pairs(models: Models, pairs: Sequence[tuple[EvalRun, EvalRun]], repeats: int, cache: Path
-               ) -> dict[tuple[str, str], tuple[float, float | None]]:
-    """Per pair (a, b): latency(a) / latency(b) and its standard error (presto.eval.timing.paired_ratio),
-    the two taking turns with each other (timed_rounds). Timed directly, not each against the reference
-    run: two runs' medians from different rounds differ by the machine's load between those rounds as much
-    as by the runs."""
+               ) -> dict[str, tuple[float, float | None]]:
+    """Per pair (a, b), keyed by pair_key: latency(a) / latency(b) and its standard error
+    (presto.eval.timing.paired_ratio), the two taking turns with each other (timed_rounds). Timed directly, not
+    each against the reference run: two runs' medians from different rounds differ by the machine's load between
+    those rounds as much as by the runs."""
     progress = Progress("evaluate: timing comparisons", len(pairs), unit="pair", every_s=0.0)
     ratios = {}
-    keyed = {f"{a.label} vs {b.label}": (a.label, b.label) for a, b in pairs}
-    rounds = timed_rounds(models, {key: pair for key, pair in zip(keyed, pairs)}, repeats, cache)
+    rounds = timed_rounds(models, {pair_key(a.label, b.label): (a, b) for a, b in pairs}, repeats, cache)
     for k, (key, a_rounds, b_rounds) in enumerate(rounds):
-        ratios[keyed[key]] = paired_ratio(totals(a_rounds), totals(b_rounds))
-        progress.update(k + 1, latency_ratio=ratios[keyed[key]][0])
+        ratios[key] = paired_ratio(totals(a_rounds), totals(b_rounds))
+        progress.update(k + 1, latency_ratio=ratios[key][0])
     return ratios
 
 
@@ -817,34 +823,33 @@ def run(ctx: StageContext) -> dict[str, Any]:
                  stereo_listen_clips=p.stereo.listen_clips)
     stereo_json = _check_metrics(ctx.name, stereo_scores)  # NaN/Inf as null: valid JSON
     (ctx.out_dir / STEREO_FILE).write_text(json.dumps(stereo_json, indent=2, sort_keys=True) + "\n")
+    comparisons = _check_metrics(ctx.name, comparisons)  # NaN/Inf as null: valid JSON
     (ctx.out_dir / COMPARE_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
     for name in (REPORT, PLOT_QUALITY, PLOT_STEPS, PLOT_RHO, STEREO_FILE, COMPARE_FILE):
         ctx.tracker.log_artifact(ctx.out_dir / name)
     ctx.tracker.log_metrics({f"real.{k}": v for k, v in real_scores.items() if v is not None}
                             | flatten_metrics(stereo_json, "stereo.")
-                            | {f"compare.{c['a']} vs {c['b']}.{k}": c[k] for c in comparisons
-                               for k in ("fad_diff", "fad_diff_std", "latency_ratio", "latency_ratio_std")
-                               if c[k] is not None})
+                            | flatten_metrics(comparisons, "compare."))
     register_models(ctx, p, results, served)
     return results | scaled
 
 
 def compare_runs(pairs: Sequence[tuple[str, str]], entries: dict[str, dict[str, Any]],
-                 draw_fads: dict[str, np.ndarray], latency_ratios: dict[tuple[str, str], tuple[float, float | None]]
-                 ) -> list[dict[str, Any]]:
-    """For each pair (a, b) of run labels: fad_diff = FAD(a) - FAD(b) with its paired bootstrap spread (both
-    sets resampled by the same draws of prompts; null without draws), and latency_ratio = latency(a) /
-    latency(b) with its standard error, from `latency_ratios` (time_pairs). Negative fad_diff: a scores
-    better; |fad_diff| below ~2 fad_diff_std is within noise, and so is |latency_ratio - 1| below ~2
+                 draw_fads: dict[str, np.ndarray], latency_ratios: dict[str, tuple[float, float | None]]
+                 ) -> dict[str, dict[str, Any]]:
+    """For each pair (a, b) of run labels, keyed by pair_key: fad_diff = FAD(a) - FAD(b) with its paired
+    bootstrap spread (both sets resampled by the same draws of prompts; null without draws), and latency_ratio =
+    latency(a) / latency(b) with its standard error, from `latency_ratios` (time_pairs). Negative fad_diff: a
+    scores better; |fad_diff| below ~2 fad_diff_std is within noise, and so is |latency_ratio - 1| below ~2
     latency_ratio_std."""
-    out = []
+    out = {}
     for a, b in pairs:
         paired = a in draw_fads and b in draw_fads
-        ratio, ratio_std = latency_ratios[(a, b)]
-        out.append({"a": a, "b": b, "fad_a": entries[a]["fad"], "fad_b": entries[b]["fad"],
-                    "fad_diff": entries[a]["fad"] - entries[b]["fad"],
-                    "fad_diff_std": float((draw_fads[a] - draw_fads[b]).std(ddof=1)) if paired else None,
-                    "latency_ratio": ratio, "latency_ratio_std": ratio_std})
+        ratio, ratio_std = latency_ratios[pair_key(a, b)]
+        out[pair_key(a, b)] = {"fad_a": entries[a]["fad"], "fad_b": entries[b]["fad"],
+                               "fad_diff": entries[a]["fad"] - entries[b]["fad"],
+                               "fad_diff_std": float((draw_fads[a] - draw_fads[b]).std(ddof=1)) if paired else None,
+                               "latency_ratio": ratio, "latency_ratio_std": ratio_std}
     return out
 
 

@@ -27,6 +27,7 @@ class StageSpec:
     upstream: tuple[str, ...] = ()  # stages whose out folder this one reads
     extra_deps: tuple[str, ...] = ()  # other inputs (may use ${...} params templating)
     plots: tuple[Plot, ...] = ()  # DVC plots written into the out folder
+    extra_metrics: tuple[str, ...] = ()  # DVC metrics files in the out folder beside metrics.json
     resources_key: str | None = None  # params section whose `.resources` Ray reserves; None: a driver, 0 CPUs
     module_name: str | None = None  # stages/<module_name>.py runs it when one module serves several stages
 
@@ -41,6 +42,11 @@ class StageSpec:
     @property
     def metrics(self) -> str:
         return f"{self.out}/metrics.json"
+
+    @property
+    def metrics_files(self) -> tuple[str, ...]:
+        """Every file of the stage's that DVC reads as metrics (nested dicts of numbers)."""
+        return (self.metrics, *(f"{self.out}/{name}" for name in self.extra_metrics))
 
 
 # Plumbing every stage shares (params validation, the runner) does not change what a stage computes, so it
@@ -198,6 +204,7 @@ STAGES: tuple[StageSpec, ...] = (
         plots=(Plot("quality_vs_latency.json", x="latency_ms", y="fad", title="FAD vs latency at batch 1"),
                Plot("fad_vs_steps.json", x="steps", y="fad", title="FAD vs sampling steps"),
                Plot("fad_vs_rho.json", x="rho", y="fad", title="FAD vs the step schedule's rho")),
+        extra_metrics=("comparisons.json", "stereo.json"),
         resources_key="evaluate",
     ),
 )

@@ -134,8 +134,8 @@ def test_eval_timing_repeats_both_ways_of_timing(tmp_path: Path, capsys):
                                               "ase/3,presto_s/2", "--trials", "2", "--threads", "1"])
     assert list(found) == ["pair, 3 rounds", "pair, 3 rounds: latency_ratio_std", "via reference, 1 rounds"]
     for by_pair in found.values():
-        assert list(by_pair) == ["ase/3 / presto_s/2"] and len(by_pair["ase/3 / presto_s/2"]) == 2
-        assert min(by_pair["ase/3 / presto_s/2"]) >= 0
+        assert list(by_pair) == ["ase/3 vs presto_s/2"] and len(by_pair["ase/3 vs presto_s/2"]) == 2
+        assert min(by_pair["ase/3 vs presto_s/2"]) >= 0
     ((header, rows),) = tables(capsys.readouterr().out)
     assert header == ["timing", "pair", "latency ratio per trial", "spread", "sd"]
     assert [r[0] for r in rows] == list(found)

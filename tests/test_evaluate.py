@@ -309,9 +309,11 @@ def test_fad_spread_is_paired_with_the_reference_run(evaluated):
 
 def test_compare_pairs_runs_on_the_same_resamples(evaluated):
     metrics, ctx, _ = evaluated
-    (pair,) = json.loads((ctx.out_dir / evaluate.COMPARE_FILE).read_text())
+    comparisons = json.loads((ctx.out_dir / evaluate.COMPARE_FILE).read_text())
+    assert list(comparisons) == ["ase/3 vs base/3"]
+    pair = comparisons["ase/3 vs base/3"]
+    assert set(pair) == set(evaluate.COMPARE_KEYS)
     ase, base = metrics["ase"]["3"], metrics["base"]["3"]
-    assert (pair["a"], pair["b"]) == ("ase/3", "base/3")
     assert pair["fad_diff"] == pytest.approx(ase["fad"] - base["fad"])
     # The difference's draws are ase's minus the reference run's: the spread fad_vs_reference already has.
     assert pair["fad_diff_std"] == pytest.approx(ase["fad_vs_reference_std"])
@@ -325,6 +327,9 @@ def test_compare_pairs_runs_on_the_same_resamples(evaluated):
     assert pair["latency_ratio_std"] >= 0
     with pytest.raises(Exception, match="compare"):
         tiny_params(compare=[["ase/3", "presto_l/32"]])
+    # In the tracker too, under the same key.
+    logged = {k: v for step, m in ctx.tracker.metrics for k, v in m.items() if k.startswith("compare.")}
+    assert logged["compare.ase/3 vs base/3.fad_diff"] == pytest.approx(pair["fad_diff"])
 
 
 def test_speed_bookkeeping(evaluated):
@@ -383,6 +388,10 @@ def test_report_and_plots(evaluated):
         assert records and all(isinstance(r, dict) for r in records)
         assert all(plot.x in r and plot.y in r and not any(isinstance(v, (dict, list)) for v in r.values())
                    for r in records)
+    # The DVC metrics files beside metrics.json: nested dicts of numbers (or null), as DVC reads them.
+    for name in get("evaluate").extra_metrics:
+        document = json.loads((ctx.out_dir / name).read_text())
+        assert document and _check_metrics("evaluate", document) == document, name
     rho = json.loads((ctx.out_dir / evaluate.PLOT_RHO).read_text())
     assert [r["rho"] for r in rho] == [1.0, 7.0]
     assert set(ctx.tracker.artifact_files()) >= {evaluate.REPORT, evaluate.PLOT_QUALITY}

@@ -158,6 +158,18 @@ def test_evaluate_scores_every_model_and_registers_it(project: Path) -> None:
     assert {"stereo.upmixer.side_fad", "stereo.dual_mono.side_stft_distance"} <= evaluate["metrics"].keys()
 
 
+def test_paired_comparisons_are_dvc_metrics(project: Path) -> None:
+    """`dvc metrics show` (and so `dvc exp show` across experiments) reads each compared pair's differences."""
+    comparisons = json.loads((project / "artifacts" / "evaluate" / "comparisons.json").read_text())
+    assert set(comparisons) == {"presto_l/2 vs ase/2", "presto_ls/1 vs presto_s/1"}
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)[""]["data"]
+    read = shown["artifacts/evaluate/comparisons.json"]["data"]
+    for pair, entry in comparisons.items():
+        assert read[pair]["fad_diff"] == pytest.approx(entry["fad_diff"]), pair
+        assert read[pair]["latency_ratio"] == pytest.approx(entry["latency_ratio"]), pair
+    assert "upmixer" in shown["artifacts/evaluate/stereo.json"]["data"]
+
+
 def test_each_stage_is_a_completed_prefect_flow_run_with_all_its_logs(project: Path) -> None:
     """No PREFECT_API_URL: each stage process reported to a temporary server of its own, on the project's
     database, and its last log lines (written after the stage's work) reached it before the server stopped."""
