@@ -49,15 +49,26 @@ def configure(root: Path) -> None:
     set_defaults()
     os.environ.setdefault("PRESTO_ROOT", str(root))
     # Prefect without a server runs an ephemeral one whose database lives in PREFECT_HOME.
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(record_root(root) / ".prefect"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
     # numba (under librosa) caches compiled code beside its sources in the virtualenv; processes compiling
     # at once corrupted that cache here (then librosa segfaults). Keep the cache in the project instead.
     os.environ.setdefault("NUMBA_CACHE_DIR", str(root / ".cache" / "numba"))
 
 
+def record_root(root: Path) -> Path:
+    """Where the project's runs are recorded (MLflow's store, Prefect's database): the project itself, except in
+    a DVC experiment run in a temporary copy of it (`dvc exp run --queue` or `--temp`), where it is the project
+    the experiment came from, whose path DVC passes as DVC_ROOT: the copy, with any store inside it, is deleted
+    when the experiment ends."""
+    parent = os.environ.get("DVC_ROOT")
+    if os.environ.get("DVC_EXP_NAME") and parent and (Path(parent) / "dvc.yaml").is_file():
+        return Path(parent).resolve()
+    return root
+
+
 def mlflow_dir(root: Path) -> Path:
-    return root / ".mlflow"
+    return record_root(root) / ".mlflow"
 
 
 def default_tracking_uri(root: Path) -> str:

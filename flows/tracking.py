@@ -23,6 +23,7 @@ EXPERIMENT = "presto"
 TAG_STAGE = "presto.stage"
 TAG_INVOCATION = "presto.invocation"
 TAG_FINGERPRINT = "presto.fingerprint"
+TAG_DVC_EXPERIMENT = "presto.dvc_experiment"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_PROCESS = "presto.process"  # host:pid:start of the process running the stage, to tell when it is gone
 
@@ -119,6 +120,13 @@ def invocation_id() -> str | None:
     return None
 
 
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to (`dvc exp run -n NAME`, which DVC passes as DVC_EXP_NAME), so that the
+    MLflow UI finds an experiment's runs beside `dvc exp show`'s row."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {TAG_DVC_EXPERIMENT: name} if name else {}
+
+
 def parent_run(exp_id: str, invocation: str) -> str:
     client = _client()
     found = client.search_runs(
@@ -130,7 +138,7 @@ def parent_run(exp_id: str, invocation: str) -> str:
     run = client.create_run(
         exp_id,
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={TAG_INVOCATION: invocation, "presto.kind": "pipeline"},
+        tags={TAG_INVOCATION: invocation, "presto.kind": "pipeline", **experiment_tags()},
     )
     return run.info.run_id
 
@@ -227,7 +235,7 @@ def start_stage_run(root: Path, stage: str, params: dict[str, Any], fingerprint:
     client = _client()
     exp_id = experiment_id(root)
     tags = {TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, "presto.kind": "stage",
-            "mlflow.source.git.commit": git_commit(root), **extra_tags}
+            "mlflow.source.git.commit": git_commit(root), **experiment_tags(), **extra_tags}
     tags.update({f"presto.upstream.{name}": run_id for name, run_id in upstream_runs.items()})
     invocation = invocation_id()
     parent = None

@@ -214,6 +214,23 @@ def test_second_repro_is_a_noop(project: Path) -> None:
     assert len([r for r in _runs(project) if r["tags"].get("presto.kind") == "stage"]) == len(ALL_STAGES)
 
 
+def test_an_experiment_in_a_temporary_copy_is_recorded_in_the_project(project: Path) -> None:
+    """`dvc exp run --temp` (as `--queue`) runs in a copy of the project that DVC deletes afterwards: the stage's
+    MLflow run lands in the project's store all the same, tagged with the experiment's name."""
+    _run(["git", "add", "dvc.lock"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], project)
+    before = {r["id"] for r in _runs(project)}
+    lock = (project / "dvc.lock").read_text()
+    _run(["dvc", "exp", "run", "--temp", "-n", "l-seed1", "-S", "layer_dropping.seed=1", "presto_l"], project)
+    new = [r for r in _runs(project) if r["id"] not in before]
+    stages = [r for r in new if r["tags"].get("presto.kind") == "stage"]
+    assert [(r["name"], r["status"]) for r in stages] == [("presto_l", "FINISHED")], "only the stage it changes"
+    assert stages[0]["params"]["layer_dropping.seed"] == "1"
+    assert new and all(r["tags"].get("presto.dvc_experiment") == "l-seed1" for r in new)
+    assert "l-seed1" in _run(["dvc", "exp", "list", "--name-only"], project).stdout
+    assert (project / "dvc.lock").read_text() == lock, "the workspace is left as it was"
+
+
 def test_param_change_marks_only_that_stage_and_descendants(project: Path) -> None:
     original = (project / "params.yaml").read_text()
     try:

@@ -1,13 +1,35 @@
 """flows.tracking's process identity: how a stage run left RUNNING by a killed process is told apart from
-one whose process still works (tests/test_stage_kill_resume.py has the whole path on MLflow)."""
+one whose process still works (tests/test_stage_kill_resume.py has the whole path on MLflow); where runs are
+recorded in a DVC experiment (tests/test_pipeline_integration.py runs one)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from flows.tracking import is_gone, this_process
+import pytest
+
+from flows.env import mlflow_dir, record_root
+from flows.tracking import TAG_DVC_EXPERIMENT, experiment_tags, is_gone, this_process
+
+
+def test_a_dvc_experiment_in_a_copy_records_in_the_project_it_came_from(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    project, copy = tmp_path / "project", tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    copy.mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert record_root(copy) == copy and experiment_tags() == {}
+    monkeypatch.setenv("DVC_ROOT", str(project))  # any `dvc repro` sets it: no experiment, no move
+    assert record_root(copy) == copy
+    monkeypatch.setenv("DVC_EXP_NAME", "l-seed1")
+    assert record_root(copy) == project.resolve() and mlflow_dir(copy) == project.resolve() / ".mlflow"
+    assert experiment_tags() == {TAG_DVC_EXPERIMENT: "l-seed1"}
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "gone"))  # not a project: stay where we are
+    assert record_root(copy) == copy
 
 
 def test_this_process_is_not_gone():
