@@ -16,11 +16,14 @@ import ray  # noqa: F401
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
+import yaml
+
 from flows import tracking
 from flows.dispatch import InfraError, run_on_ray
+from flows.env import record_root
 from presto.config import load_params, select
 from stages import runner
-from stages.specs import get
+from stages.specs import StageSpec, get
 
 INFRA_RETRIES = 2
 
@@ -37,6 +40,29 @@ def _is_infra_failure(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(retries=INFRA_RETRIES, retry_delay_seconds=5, retry_condition_fn=_is_infra_failure)
+def _locked_outs(root: Path, stage: str) -> list | None:
+    """The outputs (paths and content hashes) dvc.lock records for `stage`, None without an entry."""
+    lock = root / "dvc.lock"
+    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.is_file() else None
+    return entry.get("outs") if entry else None
+
+
+def upstream_runs(spec: StageSpec, root: Path) -> dict[str, str]:
+    """The MLflow run of each upstream stage, from its run record. A DVC experiment in a temporary copy of the
+    project reruns only what it changes: a stage it did not rerun has its record in the project it came from,
+    which holds for the copy when both dvc.lock files give that stage the same outputs."""
+    home = record_root(root)
+    runs = {}
+    for up in spec.upstream:
+        rec = runner.read_run_record(root, up)
+        if rec is None and home != root:
+            outs = _locked_outs(root, up)
+            rec = runner.read_run_record(home, up) if outs is not None and outs == _locked_outs(home, up) else None
+        if rec is not None:
+            runs[up] = rec["run_id"]
+    return runs
+
+
 def dispatch(stage: str, root: str, tracker: tracking.MlflowTracker, fp: str, cpus: float,
              gpus: float) -> dict[str, Any]:
     return run_on_ray(stage, Path(root), tracker, fp, cpus, gpus)
@@ -48,7 +74,7 @@ def _run_stage(stage: str, root: str) -> dict[str, Any]:
     root_path = Path(root)
     params = load_params(root_path / "params.yaml")
     fp = runner.fingerprint(spec, params, root_path)
-    upstream = {up: rec["run_id"] for up in spec.upstream if (rec := runner.read_run_record(root_path, up))}
+    upstream = upstream_runs(spec, root_path)
     prefect_run = str(get_run_context().flow_run.id)
     tracker = tracking.start_stage_run(root_path, stage, select(params, spec.params), fp, upstream,
                                        {"prefect.flow_run_id": prefect_run})

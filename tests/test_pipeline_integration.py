@@ -227,6 +227,9 @@ def test_an_experiment_in_a_temporary_copy_is_recorded_in_the_project(project: P
     assert [(r["name"], r["status"]) for r in stages] == [("presto_l", "FINISHED")], "only the stage it changes"
     assert stages[0]["params"]["layer_dropping.seed"] == "1"
     assert new and all(r["tags"].get("presto.dvc_experiment") == "l-seed1" for r in new)
+    # Its inputs were not rerun: their runs are the project's, found through the project's run records.
+    (train_dit,) = [r["id"] for r in _runs(project) if r["name"] == "train_dit"]
+    assert stages[0]["tags"]["presto.upstream.train_dit"] == train_dit
     assert "l-seed1" in _run(["dvc", "exp", "list", "--name-only"], project).stdout
     assert (project / "dvc.lock").read_text() == lock, "the workspace is left as it was"
 

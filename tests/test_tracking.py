@@ -49,3 +49,39 @@ def test_an_ended_process_is_gone_and_its_recycled_pid_is_another_process():
 
 def test_a_process_on_another_host_is_never_declared_gone():
     assert not is_gone(f"not-{socket.gethostname()}:1:0")
+
+
+def test_an_experiment_copy_links_the_project_runs_of_the_inputs_it_shares(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage in an experiment's copy links an upstream stage the experiment did not rerun to the project's
+    run of it, only where both dvc.lock files give it the same outputs."""
+    import yaml
+
+    from flows.stage_flow import upstream_runs
+    from stages.runner import write_run_record
+    from stages.specs import StageSpec
+
+    project, copy = tmp_path / "project", tmp_path / "copy"
+    copy.mkdir(parents=True)
+    project.mkdir()
+    (project / "dvc.yaml").write_text("stages: {}\n")
+
+    def lock(folder: Path, b_hash: str) -> None:
+        outs = {"a": "1111.dir", "b": b_hash}
+        (folder / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+            name: {"cmd": f"presto stage {name}", "outs": [{"path": f"artifacts/{name}", "md5": md5}]}
+            for name, md5 in outs.items()}}))
+
+    lock(project, "2222.dir")
+    lock(copy, "3333.dir")  # the experiment changed b
+    write_run_record(project, "a", {"run_id": "run-a"})
+    write_run_record(project, "b", {"run_id": "run-b"})
+    spec = StageSpec(name="c", help="", params=(), code=(), upstream=("a", "b"))
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert upstream_runs(spec, copy) == {}, "not an experiment: the copy's own records only"
+    monkeypatch.setenv("DVC_EXP_NAME", "e")
+    assert upstream_runs(spec, copy) == {"a": "run-a"}, "b's outputs differ: the project's run is not its"
+    write_run_record(copy, "b", {"run_id": "run-b-exp"})  # the experiment reran b
+    assert upstream_runs(spec, copy) == {"a": "run-a", "b": "run-b-exp"}
+
