@@ -13,10 +13,9 @@ from typing import Any
 # Imported on loading, not on first use, so that they load while the temporary Prefect server boots.
 import mlflow  # noqa: F401
 import ray  # noqa: F401
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
-
-import yaml
 
 from flows import tracking
 from flows.dispatch import InfraError, run_on_ray
@@ -39,7 +38,6 @@ def _is_infra_failure(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(retries=INFRA_RETRIES, retry_delay_seconds=5, retry_condition_fn=_is_infra_failure)
 def _locked_outs(root: Path, stage: str) -> list | None:
     """The outputs (paths and content hashes) dvc.lock records for `stage`, None without an entry."""
     lock = root / "dvc.lock"
@@ -63,6 +61,7 @@ def upstream_runs(spec: StageSpec, root: Path) -> dict[str, str]:
     return runs
 
 
+@task(retries=INFRA_RETRIES, retry_delay_seconds=5, retry_condition_fn=_is_infra_failure)
 def dispatch(stage: str, root: str, tracker: tracking.MlflowTracker, fp: str, cpus: float,
              gpus: float) -> dict[str, Any]:
     return run_on_ray(stage, Path(root), tracker, fp, cpus, gpus)

@@ -85,3 +85,13 @@ def test_an_experiment_copy_links_the_project_runs_of_the_inputs_it_shares(tmp_p
     write_run_record(copy, "b", {"run_id": "run-b-exp"})  # the experiment reran b
     assert upstream_runs(spec, copy) == {"a": "run-a", "b": "run-b-exp"}
 
+
+
+def test_only_the_ray_dispatch_is_a_retried_prefect_task():
+    """Infrastructure failures retry the dispatch to Ray; the bookkeeping around it runs once, in the flow."""
+    from prefect import Task
+
+    from flows import stage_flow
+
+    assert isinstance(stage_flow.dispatch, Task) and stage_flow.dispatch.retries == stage_flow.INFRA_RETRIES
+    assert not isinstance(stage_flow.upstream_runs, Task) and not isinstance(stage_flow._locked_outs, Task)
