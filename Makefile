@@ -30,7 +30,11 @@ system:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# torch's CUDA build makes the venv 8.7 GB, and pip holds ~4 GB of wheels besides while installing:
+# a fresh set-up peaked at 12.8 GB of disk (bench/RESULTS.md). Say so before pip runs out of space.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ ! -x $(BIN)/python ] && [ "$$free_gb" -lt 13 ]; then echo "warning: $$free_gb GB free on $$(df -P . | awk 'NR==2 {print $$6}'); a fresh .venv needs about 13 GB while installing"; fi
 	[ -x $(BIN)/python ] || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
