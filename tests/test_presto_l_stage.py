@@ -71,7 +71,7 @@ def test_presto_l_writes_a_budgeted_model_and_its_schedule(project: Path):
     assert isinstance(model, DiT) and cfg.budget_conditioning and cfg.depth == 4
     assert model.budget_embed.weight.abs().sum() > 0  # trained away from its zero start
     schedule = load_schedule(project / "out" / stage.SCHEDULE_FILE)
-    assert schedule.budgets == [4, 4, 3, 2, 2] and schedule.reroute and schedule.depth == 4
+    assert schedule.budgets == [4, 3, 3, 2, 2] and schedule.reroute and schedule.depth == 4
     assert json.loads((project / "out" / EDM_FILE).read_text()) == EDM
     assert tracker.tags["mode"] == "presto_l"
     assert tracker.steps_with("train_loss") == [2, 4] and tracker.steps_with("val_loss") == [4]
@@ -88,7 +88,7 @@ def test_ase_is_the_same_recipe_without_budget_conditioning_or_reroute(project: 
     _, cfg = load_model(project / "out" / MODEL_DIR)
     assert not cfg.budget_conditioning
     schedule = load_schedule(project / "out" / stage.SCHEDULE_FILE)
-    assert not schedule.reroute and schedule.budgets == [4, 4, 3, 2, 2]  # presto_l's: equal compute
+    assert not schedule.reroute and schedule.budgets == [4, 3, 3, 2, 2]  # presto_l's: equal compute
     assert metrics["train_self_distill"] == 0  # ase.nu_self_distill = 0 in params.yaml
     config = stage.fine_tune_config(context(project, "ase", tiny_params(), "x", RecordingTracker()))
     assert config.mode == "ase" and config.recipe == tiny_params().layer_dropping.recipe

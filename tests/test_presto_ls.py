@@ -194,7 +194,7 @@ def test_presto_ls_writes_a_budgeted_generator_whose_recipe_skips_blocks(project
 
     schedule = load_schedule(out / SCHEDULE_FILE)
     presto_l_budgets = BudgetSchedule(params.layer_dropping.recipe.schedule, DEPTH, reroute=True).budgets
-    assert schedule.reroute and schedule.budgets == [4, 4, 4, 4, 3] and presto_l_budgets == [4, 4, 3, 2, 2]
+    assert schedule.reroute and schedule.budgets == [4, 4, 4, 4, 3] and presto_l_budgets == [4, 3, 3, 2, 2]
     assert json.loads(tracker.tags["budgets"]) == schedule.budgets
     recipe = SamplingRecipe.model_validate_json((out / stage.RECIPE_FILE).read_text())
     assert recipe.model_dump() == params.presto_ls.recipe.model_dump() | {"budgets": [3, 4, 4, 4]}
