@@ -113,14 +113,69 @@ def _project_copy(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["science", "gpu", "paper"])
 def test_profiles_apply_validate_and_undo(tmp_path: Path, name: str) -> None:
     root = _project_copy(tmp_path)
-    before = raw()
+    before = (root / "params.yaml").read_text()
     changed = apply_profile(root, name)
     assert changed and "shared.profile" in changed
     after = load_params(root / "params.yaml")
     assert after.shared.profile == name
-    assert "# Every knob of the pipeline" in (root / "params.yaml").read_text(), "comments are kept"
+    # Only the changed values' lines differ, each keeping its comment: `git diff params.yaml` is the profile.
+    old_lines, new_lines = before.splitlines(), (root / "params.yaml").read_text().splitlines()
+    assert len(new_lines) == len(old_lines)
+    leaves = {key.rsplit(".", 1)[-1] for key in changed}
+    for old, new in zip(old_lines, new_lines, strict=True):
+        if old != new:
+            assert new.split(":")[0].strip() in leaves or "{" in new, new
+            assert ("#" in old) == ("#" in new) and old.split("#")[1:] == new.split("#")[1:], new
     apply_profile(root, "demo")
-    assert yaml.safe_load((root / "params.yaml").read_text()) == before
+    assert (root / "params.yaml").read_text() == before, "applying demo restores params.yaml byte for byte"
+
+
+def test_profile_changes_only_its_values_bytewise(tmp_path: Path) -> None:
+    root = _project_copy(tmp_path)
+    before = (root / "params.yaml").read_text()
+    # An empty value means null too; a profile must fill it as well as it replaces `null`.
+    marker = "  seed: null                # the fine-tune's"
+    assert marker in before
+    (root / "params.yaml").write_text(before.replace(marker, "  seed:                     # the fine-tune's"))
+    (root / "profiles" / "t.yaml").write_text(
+        "shared: {profile: science}\n"
+        "layer_dropping: {seed: 3}\n"
+        "train_dit: {model: {depth: 12}, lr: 2.0e-5, sample_recipe: {steps: 8}}\n"
+        "evaluate:\n  seeds:\n    - 0\n    - 1\n  best_of_n: {latency_budget_ms: 250.0}\n"
+    )
+    assert apply_profile(root, "t") == [
+        "shared.profile",
+        "layer_dropping.seed",
+        "train_dit.model.depth",
+        "train_dit.lr",
+        "train_dit.sample_recipe.steps",
+        "evaluate.seeds",
+        "evaluate.best_of_n.latency_budget_ms",
+    ]
+    text = (root / "params.yaml").read_text()
+    assert "  profile: science\n" in text
+    assert "  seed: 3                   # the fine-tune's" in text  # comments stay in their column
+    assert "    depth: 12               # blocks" in text
+    assert "  lr: 2.0e-5                # AdamW" in text  # written as the profile writes it
+    assert "  sample_recipe: {sampler: dpmpp_2m_sde, steps: 8, rho: 7.0," in text  # a flow map's wrapping kept
+    assert "  seeds: [0, 1]             # one clip per prompt and seed" in text  # block list put on the line
+    assert "    latency_budget_ms: 250.0  # null:" in text  # two spaces after a value that reaches the column
+    assert len(text.splitlines()) == len(before.splitlines())
+    data = load_params(root / "params.yaml")
+    assert data.train_dit.model.depth == 12 and data.evaluate.seeds == [0, 1] and data.layer_dropping.seed == 3
+    assert data.train_dit.sample_recipe.steps == 8 and data.evaluate.best_of_n.latency_budget_ms == 250.0
+
+
+def test_profile_mapping_onto_a_value_is_refused(tmp_path: Path) -> None:
+    root = _project_copy(tmp_path)
+    original = (root / "params.yaml").read_text()
+    (root / "profiles" / "bad.yaml").write_text("shared: {seed: {value: 1}}\n")
+    with pytest.raises(ParamsError, match="shared.seed"):
+        apply_profile(root, "bad")
+    (root / "profiles" / "broken.yaml").write_text("shared: {seed: [1\n")
+    with pytest.raises(ParamsError, match="profiles/broken.yaml is not valid YAML"):
+        apply_profile(root, "broken")
+    assert (root / "params.yaml").read_text() == original
 
 
 def test_paper_profile_has_paper_audio(tmp_path: Path) -> None:
