@@ -18,7 +18,7 @@ set_defaults()  # before any test module imports ray
 # `make test` (2 workers, whole files to a worker, in this order) the longest starts at once on one worker while
 # the other works through the rest, instead of trailing it at the end.
 SLOW_FIRST = ("test_pipeline_integration.py", "test_stage_kill_resume.py", "test_infra_loopback.py",
-              "test_train_faults.py", "test_train_dit_stage.py")
+              "test_train_faults.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,5 @@
-"""The train_dit stage body under a real local Ray with Ray Train (one CPU worker) on a synthetic encode
-output: it writes a loadable EMA model, logs curves and samples, and a rerun resumes from the checkpoint."""
+"""The train_dit stage's inputs checks, and what its Ray Train tests share (test_train_faults.py,
+test_stage_kill_resume.py): a synthetic encode output, a tiny DiT's params, a tracker and a local Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from ray import cloudpickle
@@ -23,9 +22,7 @@ from presto.data.latents import (
 )
 from presto.data.shards import MANIFEST, write_manifest
 from presto.errors import InputError
-from presto.generation import EDM_FILE
-from presto.models.checkpoint import load_model, save_model
-from presto.models.dit import DiT
+from presto.models.checkpoint import save_model
 from presto.models.vae import AudioVAE, VAEConfig
 from presto.text.condition import TextCondition
 from stages import train_dit as stage
@@ -124,33 +121,6 @@ def local_ray():
 def context(root: Path, params: Params, out: str, tracker: FileTracker) -> StageContext:
     return StageContext(name="train_dit", params=params, root=root, out_dir=root / out,
                         checkpoint_dir=root / "checkpoints" / "train_dit" / "fp", fingerprint="fp", tracker=tracker)
-
-
-def test_train_then_resume_from_the_checkpoint(tmp_path: Path, local_ray):
-    make_encode_output(tmp_path / "artifacts")
-    tracker = FileTracker(tmp_path / "tracker.jsonl")
-
-    first = stage.run(context(tmp_path, tiny_params(steps=4, samples=0), "out1", tracker))
-    assert first["steps"] == 4 and first["resumed_from_step"] == 0
-    assert np.isfinite(first["train_loss"]) and np.isfinite(first["val_loss"])
-    model, cfg = load_model(tmp_path / "out1" / "model")
-    assert isinstance(model, DiT) and cfg.width == 32
-    assert json.loads((tmp_path / "out1" / EDM_FILE).read_text()) == {"sigma_data": 0.5, "sigma_min": 0.002,
-                                                                        "sigma_max": 80.0}
-    steps_logged = [r["step"] for r in tracker.records() if "train_loss" in r.get("metrics", {})]
-    assert steps_logged == [2, 4]
-
-    # The same inputs, more steps (as after a crash at step 4): Ray Train finds the run and continues.
-    second = stage.run(context(tmp_path, tiny_params(steps=6, samples=1), "out2", tracker))
-    assert second["steps"] == 6 and second["resumed_from_step"] == 4
-    steps_logged = [r["step"] for r in tracker.records() if "train_loss" in r.get("metrics", {})]
-    assert steps_logged == [2, 4, 6]  # not 2 and 4 again: the rerun did not start over
-    samples = [r for r in tracker.records() if "artifact" in r]
-    assert samples and samples[-1]["artifact"] == "samples/step-00000006"
-    assert {"sample-0.wav", "spectrograms.png", "prompts.txt"} <= set(samples[-1]["files"])
-    assert second["sample_nfe"] == 2 * 3  # CFG++: two evaluations per step
-    resumed, _ = load_model(tmp_path / "out2" / "model")
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_inputs_that_do_not_fit_fail_before_training(tmp_path: Path):

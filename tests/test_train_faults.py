@@ -31,6 +31,7 @@ from test_train_vae import trainer as vae_trainer
 
 from presto.data.latents import LatentDataset
 from presto.errors import DivergenceError, InputError
+from presto.generation import EDM_FILE
 from presto.models.checkpoint import load_model
 from presto.models.dit import DiT
 from presto.training.dit_trainer import batch_indices
@@ -139,6 +140,28 @@ def test_two_workers_train_as_one_worker_with_the_global_batch(one_worker_killed
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=DDP_ATOL, msg=name)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+
+
+@pytest.mark.integration
+def test_more_steps_continue_the_finished_run_from_its_last_checkpoint(one_worker_killed):
+    """The same inputs with a larger `steps` (the fingerprint leaves steps out): Ray Train finds the run above
+    and trains on from its last checkpoint instead of starting over; its samples come from the final step."""
+    ctx, _, _, tracker = one_worker_killed
+    logged_before = len(tracked(tracker, "train_loss"))
+    params = tiny_params(steps=STEPS + 2, batch=8, samples=1, val_every=STEPS, max_failures=1)
+    more = train_dit.run(context(ctx.root, params, "out-more", tracker))
+    assert more["resumed_from_step"] == STEPS and more["steps"] == STEPS + 2
+    assert [step for step, _ in tracked(tracker, "train_loss")[logged_before:]] == [STEPS + 2], "no step again"
+    samples = [r for r in tracker.records() if "artifact" in r]
+    assert samples[-1]["artifact"] == f"samples/step-{STEPS + 2:08d}"
+    assert {"sample-0.wav", "spectrograms.png", "prompts.txt"} <= set(samples[-1]["files"])
+    assert more["sample_nfe"] == 2 * 3  # CFG++: two evaluations per step, 3 steps
+    assert json.loads((ctx.root / "out-more" / EDM_FILE).read_text()) == {"sigma_data": 0.5, "sigma_min": 0.002,
+                                                                          "sigma_max": 80.0}
+    before, _ = load_model(ctx.out_dir / "model")
+    after, cfg = load_model(ctx.root / "out-more" / "model")
+    assert isinstance(after, DiT) and cfg.width == 32
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
 
 
 def test_workers_read_the_one_worker_batch_between_them(tmp_path):
