@@ -32,14 +32,26 @@ def project_root(start: Path | None = None) -> Path:
 
 # A local Ray (no RAY_ADDRESS) keeps all of its traffic on loopback. Ray 2.60 turns the node address 127.0.0.1
 # into the machine's routable one, and its gRPC servers then listen on every interface, unless this switch is
-# off: it is named for Windows and macOS but read on every platform, once, when ray is imported. A cluster
-# driver must not have it (its node address has to be one the cluster can reach).
+# off: it is named for Windows and macOS but read on every platform, once, when ray is imported. The same
+# rewrite sends a driver of RAY_ADDRESS=127.0.0.1:6379 (a Ray head of this machine's own, on loopback) to the
+# routable address, where nothing listens. A driver of any other cluster must not have the switch (its node
+# address has to be one the cluster can reach).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOCALHOST = ("127.0.0.1", "localhost", "::1", "[::1]")  # what Ray rewrites
+
+
+def on_loopback(ray_address: str) -> bool:
+    """Whether RAY_ADDRESS is unset or names a Ray on this machine's loopback (host:port or ray://host:port)."""
+    if not ray_address:
+        return True
+    host = ray_address.removeprefix("ray://").rsplit(":", 1)[0]
+    return host in LOCALHOST
 
 
 def set_defaults() -> None:
-    """OFFLINE_ENV, and LOCAL_RAY_ENV unless RAY_ADDRESS names a cluster; anything already exported wins."""
-    defaults = OFFLINE_ENV | ({} if os.environ.get("RAY_ADDRESS") else LOCAL_RAY_ENV)
+    """OFFLINE_ENV, and LOCAL_RAY_ENV for a Ray on loopback (RAY_ADDRESS unset or 127.0.0.1); anything already
+    exported wins."""
+    defaults = OFFLINE_ENV | (LOCAL_RAY_ENV if on_loopback(os.environ.get("RAY_ADDRESS", "")) else {})
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 

@@ -99,3 +99,21 @@ def test_a_local_ray_on_the_routable_address_is_refused() -> None:
         pytest.skip("this machine has no routable address for Ray to move to")
     assert done.returncode != 0
     assert "not 127.0.0.1" in done.stderr and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in done.stderr
+
+
+@pytest.mark.parametrize(("address", "loopback"), [
+    ("", True), ("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True),
+    ("[::1]:6379", True), ("10.0.0.5:6379", False), ("ray://head:10001", False), ("127.0.0.2:6379", False),
+    ("http://127.0.0.1:8265", False),  # the Jobs API: this process never joins the cluster itself
+])
+def test_the_loopback_switch_is_set_for_a_ray_on_this_machines_loopback_only(
+        address: str, loopback: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.env import OFFLINE_ENV, on_loopback, set_defaults
+
+    for key, value in OFFLINE_ENV.items():  # so that they are restored afterwards too
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    assert on_loopback(address) is loopback
+    set_defaults()
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == ("0" if loopback else None)

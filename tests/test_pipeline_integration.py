@@ -1,22 +1,36 @@
-"""The real thing on a tiny corpus: `dvc repro` runs each stage as a Prefect flow (ephemeral server),
-dispatched to a local Ray, recorded in MLflow on SQLite. No mocks."""
+"""The real thing on a tiny corpus: `dvc repro` runs each stage as a Prefect flow dispatched to Ray, recorded in
+MLflow on SQLite. No mocks. The first build shares one Ray head and one Prefect server between its stages (what
+README's "Scale out" has a team start on its own machine); the later runs use what a stage starts by itself
+(a local Ray and a temporary Prefect server), as `make demo` does."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from test_infra import loopback
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
+from flows.env import LOCAL_RAY_ENV
 from stages import runner
 from stages.specs import STAGES
 
@@ -31,8 +45,9 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=2400)
+def _run(cmd: list[str], root: Path, check: bool = True, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=root, env=_env(root) | (env or {}), capture_output=True, text=True, timeout=2400)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -90,9 +105,94 @@ ONE_CPU = {section: {"resources": {"cpus": 1, "gpus": 0}}
            if isinstance(values, dict) and "resources" in values} | {"train_dit": {"cpus_per_worker": 1}}
 
 
+def _http_json(url: str, body: dict | None = None):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 method="GET" if body is None else "POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class SharedServices:
+    env: dict[str, str]  # what points the pipeline at them
+    ray_logs: Path
+    prefect_api: str
+
+
+@contextmanager
+def _shared_services(project: Path) -> Iterator[SharedServices]:
+    """A Ray head (`ray start --head`) and a Prefect server (`prefect server start`, its database the project's)
+    on 127.0.0.1, each in a session of its own; at the end they are stopped and nothing of them may be left."""
+    state = Path(tempfile.mkdtemp(prefix="presto-it-", dir="/tmp"))  # Ray's unix sockets need a short path
+    token = state / "ray-auth-token"
+    token.write_text(secrets.token_hex(32))
+    names = ("gcs", "agent", "metrics", "autoscaler_metrics", "dashboard_metrics", "prefect")
+    ports = dict(zip(names, loopback._free_ports(len(names))))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    sessions = []
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(state / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, cwd=state, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        # `ray start --block` stops its node's processes itself, in order: only the leader is signalled.
+        sessions.append({"name": name, "sid": proc.pid, "start_ticks": loopback._start_ticks(proc.pid),
+                         "stop_group": name != "ray"})
+        return proc
+
+    bin_dir = Path(sys.executable).parent
+    # The switch a stage's own local Ray has (flows/env.py): a node on 127.0.0.1 that listens there only. Every
+    # port free, the ones Ray would otherwise fix included (another Ray may run on this machine).
+    ray = start("ray", [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                        "--port", str(ports["gcs"]), "--num-cpus", str(os.cpu_count()), "--include-dashboard",
+                        "false", "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port",
+                        str(ports["metrics"]), "--temp-dir", str(state / "ray"), "--disable-usage-stats"],
+                _env(project) | auth | LOCAL_RAY_ENV | {
+                    "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]),
+                    "DASHBOARD_METRIC_PORT": str(ports["dashboard_metrics"]),
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    prefect = start("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                str(ports["prefect"]), "--no-services", "--no-ui"],
+                    _env(project) | {"PREFECT_HOME": str(project / ".prefect")})
+    api = f"http://127.0.0.1:{ports['prefect']}/api"
+    try:
+        deadline = time.monotonic() + 240
+        while not (_listening(ports["gcs"]) and _answers(f"{api}/health")):
+            assert ray.poll() is None and prefect.poll() is None and time.monotonic() < deadline, \
+                "\n".join((state / f"{n}.log").read_text()[-2000:] for n in ("ray", "prefect"))
+            time.sleep(0.5)
+        yield SharedServices(env=auth | {"RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}", "PREFECT_API_URL": api},
+                             ray_logs=state / "ray" / "session_latest" / "logs", prefect_api=api)
+    finally:
+        stopped = loopback.teardown(state, sessions, list(ports.values()))
+        shutil.rmtree(state, ignore_errors=True)
+    assert stopped["clean"], stopped
+
+
+@dataclass
+class Build:
+    root: Path
+    ray_drivers: int  # processes that joined the shared Ray head
+    flow_runs: list[dict]  # as the shared Prefect server's API lists them
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh project: the repository's pipeline files and code, git + DVC initialised, tiny params."""
+def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """A fresh project: the repository's pipeline files and code, git + DVC initialised, tiny params, built by
+    one `dvc repro` whose stages share a Ray head and a Prefect server."""
     root = tmp_path_factory.mktemp("project")
     for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
@@ -105,8 +205,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _set_params(root, **ONE_CPU)
     _run(["git", "add", "-A"], root)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
-    _run(["dvc", "repro", *LEAVES], root)
-    return root
+    with _shared_services(root) as shared:
+        _run(["dvc", "repro", *LEAVES], root, env=shared.env)
+        drivers = len(list(shared.ray_logs.glob("python-core-driver-*.log")))
+        flow_runs = _http_json(f"{shared.prefect_api}/flow_runs/filter", {})
+    return Build(root=root, ray_drivers=drivers, flow_runs=flow_runs)
+
+
+@pytest.fixture(scope="module")
+def project(build: Build) -> Path:
+    return build.root
 
 
 def _runs(root: Path) -> list[dict]:
@@ -170,16 +278,36 @@ def test_paired_comparisons_are_dvc_metrics(project: Path) -> None:
     assert "upmixer" in shown["artifacts/evaluate/stereo.json"]["data"]
 
 
-def test_each_stage_is_a_completed_prefect_flow_run_with_all_its_logs(project: Path) -> None:
-    """No PREFECT_API_URL: each stage process reported to a temporary server of its own, on the project's
-    database, and its last log lines (written after the stage's work) reached it before the server stopped."""
+def _flow_runs(project: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, state, log messages) of each flow run in the project's Prefect database, oldest first."""
     db = sqlite3.connect(project / ".prefect" / "prefect.db")
-    runs = db.execute("select id, name, state_type from flow_run").fetchall()
-    assert sorted((name, state) for _, name, state in runs) == sorted((s, "COMPLETED") for s in ALL_STAGES)
-    for run_id, name, _ in runs:
-        logs = [m for (m,) in db.execute("select message from log where flow_run_id=? order by timestamp", (run_id,))]
-        assert any(m.startswith(f"stage {name} done in ") for m in logs), (name, logs)
-        assert logs[-1] == "Finished in state Completed()", (name, logs)
+    runs = db.execute("select id, name, state_type from flow_run order by created").fetchall()
+    return [(name, state, [m for (m,) in db.execute("select message from log where flow_run_id=? order by timestamp",
+                                                     (run_id,))]) for run_id, name, state in runs]
+
+
+def _completed_with_all_logs(name: str, state: str, logs: list[str]) -> None:
+    """Its last log lines (written after the stage's work) reached the server before the stage process left."""
+    assert state == "COMPLETED", (name, logs)
+    assert any(m.startswith(f"stage {name} done in ") for m in logs), (name, logs)
+    assert logs[-1] == "Finished in state Completed()", (name, logs)
+
+
+def test_the_build_shared_one_ray_head_and_one_prefect_server(build: Build) -> None:
+    """RAY_ADDRESS=127.0.0.1:port and PREFECT_API_URL set: every stage process joined that Ray as a driver (none
+    started a Ray of its own) and recorded its flow run on that server."""
+    assert build.ray_drivers == len(ALL_STAGES)
+    assert sorted((r["name"], r["state_type"]) for r in build.flow_runs) == sorted((s, "COMPLETED") for s in ALL_STAGES)
+    runs = {r["tags"]["presto.stage"]: r for r in _runs(build.root) if r["tags"].get("presto.kind") == "stage"}
+    assert {r["id"] for r in build.flow_runs} == {r["tags"]["prefect.flow_run_id"] for r in runs.values()}
+
+
+def test_each_stage_is_a_completed_prefect_flow_run_with_all_its_logs(project: Path) -> None:
+    """The server of the build kept its database in the project's .prefect/, where `presto stage` keeps it."""
+    runs = _flow_runs(project)
+    assert sorted(name for name, _, _ in runs) == sorted(ALL_STAGES)
+    for run in runs:
+        _completed_with_all_logs(*run)
 
 
 def test_one_mlflow_run_per_stage_grouped_with_provenance(project: Path) -> None:
@@ -246,6 +374,11 @@ def test_param_change_marks_only_that_stage_and_descendants(project: Path) -> No
         assert set(json.loads(status)) == children, "its descendants follow"
     finally:
         (project / "params.yaml").write_text(original)
+    # No PREFECT_API_URL this time: the stage process started a temporary server of its own on the project's
+    # database, and stopped it only once its last logs were in.
+    rerun = _flow_runs(project)[-1]
+    assert rerun[0] == "augment"
+    _completed_with_all_logs(*rerun)
 
 
 def test_failing_stage_keeps_upstream_outputs_and_says_why(project: Path) -> None:
@@ -272,69 +405,21 @@ def test_failing_stage_keeps_upstream_outputs_and_says_why(project: Path) -> Non
     assert "prepare" not in json.loads(_run(["dvc", "status", "--with-deps", "--json", *LEAVES], project).stdout)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> int:
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                return resp.status
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
-
-
-def test_stage_against_a_real_prefect_server_and_the_mlflow_ui(project: Path) -> None:
-    """PREFECT_API_URL set: the flow run is recorded on that server. `presto ui` serves the runs."""
-    import json
-    import urllib.request
-
-    port, ui_port = _free_port(), _free_port()
-    env = _env(project) | {"PREFECT_HOME": str(project / ".prefect-server")}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    ui = subprocess.Popen(["presto", "ui", "--port", str(ui_port)], cwd=project, env=_env(project),
+def test_presto_ui_serves_the_runs(project: Path) -> None:
+    """`presto ui`: the MLflow UI and its REST API on the project's store."""
+    (port,) = loopback._free_ports(1)
+    ui = subprocess.Popen(["presto", "ui", "--port", str(port)], cwd=project, env=_env(project),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        api = f"http://127.0.0.1:{port}/api"
-        _wait_http(f"{api}/health", 120)
-        # prepare: one of the cheapest stages; which one does not matter here, only where its flow run goes.
-        proc = subprocess.run(["presto", "stage", "prepare"], cwd=project, env=_env(project) | {"PREFECT_API_URL": api},
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        req = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            runs = json.loads(resp.read())
-        assert [(r["name"], r["state_type"]) for r in runs] == [("prepare", "COMPLETED")]
-
-        assert _wait_http(f"http://127.0.0.1:{ui_port}/health", 120) == 200
-        req = urllib.request.Request(f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/experiments/search",
-                                     data=b'{"max_results": 10}', method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            names = [e["name"] for e in json.loads(resp.read())["experiments"]]
-        assert "presto" in names
+        deadline = time.monotonic() + 120
+        while not _answers(f"http://127.0.0.1:{port}/health"):
+            assert ui.poll() is None and time.monotonic() < deadline, "presto ui did not answer within 120 s"
+            time.sleep(1)
+        found = _http_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+        assert "presto" in [e["name"] for e in found["experiments"]]
     finally:
-        import os
-        import signal
-
-        for p in (server, ui):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in (server, ui):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
