@@ -3,11 +3,15 @@
 Every knob lives in params.yaml (the only place with defaults); this module says what each knob may be.
 Loading fails at once, with one line naming the key, the value and what is allowed, so a typo never
 surfaces two hours into training.
+
+The configs of the models, the samplers and the distillation methods live here too, not beside the torch
+code they configure (those modules import them from here), so validating params never imports torch: a
+stage process validates first thing, its compute runs in Ray workers, and torch costs seconds of CPU to load.
 """
 
 from __future__ import annotations
 
-import importlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,11 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from presto.errors import ParamsError
 
+if TYPE_CHECKING:  # annotations only: validating params must not import torch
+    import torch
+
+    from presto.diffusion.noise import NoiseDist
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's betas, EMA decays
 
 
 class Section(BaseModel):
@@ -126,31 +136,54 @@ class CaptionParams(Section):
     resources: Resources
 
 
-# Sections defined beside the code they configure (they import torch, and they import this module), so
-# this module cannot import them when it loads: a params class names them as usual, each one is listed here
-# with its module, and `bind_nested_sections` resolves them before the first validation.
-NESTED_SECTIONS: dict[str, str] = {
-    "VAEConfig": "presto.models.vae",
-    "STFTDiscriminatorConfig": "presto.models.discriminators",
-    "UpmixerConfig": "presto.models.upmixer",
-    "TextEncoderConfig": "presto.text.encoder",
-    "DiTConfig": "presto.models.dit",
-    "SamplingRecipe": "presto.generation",
-    "LayerDropRecipe": "presto.distill.presto_l",
-    "PrestoSConfig": "presto.distill.presto_s",
-    "DiscHeadConfig": "presto.models.disc_head",
-    "BudgetScheduleConfig": "presto.distill.presto_l",
-}
-if TYPE_CHECKING:
-    from presto.models.discriminators import STFTDiscriminatorConfig
-    from presto.models.upmixer import UpmixerConfig
-    from presto.models.vae import VAEConfig
-    from presto.generation import SamplingRecipe
-    from presto.models.dit import DiTConfig
-    from presto.text.encoder import TextEncoderConfig
-    from presto.distill.presto_l import BudgetScheduleConfig, LayerDropRecipe
-    from presto.distill.presto_s import PrestoSConfig
-    from presto.models.disc_head import DiscHeadConfig
+# Configs of the audio VAE, its discriminator and the upmixer (presto/models/: vae, discriminators, upmixer).
+class STFTDiscriminatorConfig(Section):
+    """The `vae.discriminator` section of params.yaml."""
+
+    channels: PositiveInt  # width of every hidden layer
+    fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]  # one sub-discriminator each
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # time dilation of each strided layer
+
+
+class VAEConfig(Section):
+    """Architecture of the audio VAE (the `vae.model` section of params.yaml)."""
+
+    channels: PositiveInt  # width C of the full-rate stage
+    channel_multipliers: Annotated[list[PositiveInt], Field(min_length=1)]  # stage i outputs C * m_i channels
+    strides: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)]  # downsampling per stage
+    latent_channels: PositiveInt
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # one residual unit per dilation
+    kernel_size: Annotated[int, Field(ge=3)]  # residual and stem/head convs; odd, so padding is symmetric
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VAEConfig":
+        if len(self.channel_multipliers) != len(self.strides):
+            raise ValueError(
+                f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
+                f"{len(self.strides)}: give one multiplier per stride (one per stage)"
+            )
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
+        return self
+
+
+class UpmixerConfig(Section):
+    """Architecture of the upmixer (the `train_stereo.model` section of params.yaml)."""
+
+    channels: PositiveInt  # width C of the full-rate stage
+    channel_multipliers: Annotated[list[PositiveInt], Field(min_length=1)]  # stage i outputs C * m_i channels
+    strides: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)]  # downsampling per stage
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # one residual unit per dilation
+    kernel_size: Annotated[int, Field(ge=3)]  # odd, so padding is symmetric
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "UpmixerConfig":
+        if len(self.channel_multipliers) != len(self.strides):
+            raise ValueError(f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
+                             f"{len(self.strides)}: give one multiplier per stride (one per stage)")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
+        return self
 
 
 class AudioGANParams(Section):
@@ -193,6 +226,13 @@ class TrainStereoParams(AudioGANParams):
     channel_weight: NonNegFloat
 
 
+# Config of the text encoder (presto/text/encoder.py).
+class TextEncoderConfig(Section):
+    kind: Literal["minilm", "t5"]
+    path: str | None  # a local model folder; None: the packaged MiniLM (kind minilm only)
+    max_tokens: PositiveInt
+
+
 class EncodeParams(Section):
     sigma_data: PositiveFloat
     text_encoder: TextEncoderConfig
@@ -203,6 +243,74 @@ class EncodeParams(Section):
     text_batch: PositiveInt
     shard_captions: PositiveInt
     resources: Resources
+
+
+# Configs of the DiT (presto/models/dit.py) and of how to sample it (presto/generation.py).
+class DiTConfig(Section):
+    latent_channels: PositiveInt
+    width: PositiveInt
+    depth: PositiveInt
+    heads: PositiveInt
+    mlp_ratio: PositiveFloat
+    text_dim: PositiveInt  # size of the text encoder's token states (384 for MiniLM-L6)
+    budget_conditioning: bool  # embed the layer budget into the adaLN conditioning (Presto-L)
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "DiTConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"width / heads = {self.width // self.heads} must be even (rotary positions)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+# The keys of presto.diffusion.sampling.SAMPLERS, named here so that validating a recipe needs no torch
+# (tests/test_sampling.py checks that the two agree).
+SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "consistency")
+
+
+class SamplingRecipe(Section):
+    """How to sample: sampler, step grid, guidance, and an optional layer budget per grid level."""
+
+    sampler: str
+    steps: PositiveInt
+    rho: PositiveFloat
+    sigma_min: PositiveFloat
+    sigma_max: PositiveFloat
+    guidance: Literal["cfgpp", "cfg", "none"]
+    scale: float  # CFG++: w in [0, 1] (paper 0.8); CFG: any finite w; ignored for none
+    budgets: Annotated[list[PositiveInt], Field(min_length=1)] | None  # one per step (Presto-L); None: all blocks
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SamplingRecipe":
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler {self.sampler!r} is not one of {sorted(SAMPLER_NAMES)}")
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        if self.guidance == "cfgpp" and not 0 <= self.scale <= 1:
+            raise ValueError(f"scale = {self.scale}: CFG++ takes w in [0, 1] (paper 0.8); "
+                             "a plain-CFG scale such as 4.5 needs guidance 'cfg'")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale = {self.scale} must be finite")
+        if self.budgets is not None and len(self.budgets) != self.steps:
+            raise ValueError(f"budgets has {len(self.budgets)} entries for {self.steps} steps: give one per step")
+        return self
+
+    def sigmas(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The step grid: the consistency sampler's levels for `consistency`, else Karras' rho grid to 0."""
+        # Imported here, not at the top: params validation stays torch-free.
+        from presto.diffusion.sampling import consistency_sigmas, karras_sigmas
+
+        grid = consistency_sigmas if self.sampler == "consistency" else karras_sigmas
+        return grid(self.steps, self.sigma_min, self.sigma_max, self.rho, device=device)
 
 
 class LatentLoopParams(Section):
@@ -254,6 +362,94 @@ class TrainDiTParams(LatentLoopParams):
         return self
 
 
+# Configs of noise-level distributions (presto/diffusion/noise.py) and layer dropping (presto/distill/presto_l.py).
+class TrainSigmaConfig(Section):
+    """sigma^train (EDM log-normal, truncated to [sigma_min, sigma_max])."""
+
+    kind: Literal["train"]
+    p_mean: float
+    p_std: PositiveFloat
+    sigma_min: PositiveFloat
+    sigma_max: PositiveFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TrainSigmaConfig":
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        return self
+
+
+class InferenceSigmaConfig(Section):
+    """sigma^inf (continuous Karras schedule)."""
+
+    kind: Literal["inf"]
+    sigma_min: PositiveFloat
+    sigma_max: PositiveFloat
+    rho: PositiveFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "InferenceSigmaConfig":
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        return self
+
+
+SingleSigmaConfig = Annotated[TrainSigmaConfig | InferenceSigmaConfig, Field(discriminator="kind")]
+
+
+class MixtureComponentConfig(Section):
+    weight: PositiveFloat
+    dist: SingleSigmaConfig
+
+
+class MixtureSigmaConfig(Section):
+    """A weighted mixture of train/inf distributions (the paper's "train/inf" entries)."""
+
+    kind: Literal["mixture"]
+    components: Annotated[list[MixtureComponentConfig], Field(min_length=1)]
+
+
+NoiseDistConfig = Annotated[
+    TrainSigmaConfig | InferenceSigmaConfig | MixtureSigmaConfig, Field(discriminator="kind")
+]
+"""One noise-level distribution in params.yaml, chosen by `kind`, e.g.
+`{kind: inf, sigma_min: 0.002, sigma_max: 80, rho: 7}`."""
+
+
+class BudgetScheduleConfig(Section):
+    """Active blocks per noise band, counted out of `reference_depth`, lowest-noise band first."""
+
+    reference_depth: PositiveInt
+    budgets: Annotated[list[PositiveInt], Field(min_length=1)]
+    sigma_bounds: list[PositiveFloat]  # upper sigma of every band but the last (which is open above)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BudgetScheduleConfig":
+        if len(self.sigma_bounds) != len(self.budgets) - 1:
+            raise ValueError(f"sigma_bounds has {len(self.sigma_bounds)} values; {len(self.budgets)} budgets need "
+                             f"{len(self.budgets) - 1} (every band but the highest has an upper bound)")
+        if any(a >= b for a, b in zip(self.sigma_bounds, self.sigma_bounds[1:])):
+            raise ValueError(f"sigma_bounds {self.sigma_bounds} must be strictly increasing")
+        if max(self.budgets) > self.reference_depth:
+            raise ValueError(f"budgets {self.budgets} must not exceed reference_depth = {self.reference_depth}")
+        if any(a < b for a, b in zip(self.budgets, self.budgets[1:])):
+            raise ValueError(f"budgets {self.budgets} must not increase with sigma (fewer blocks at higher noise)")
+        return self
+
+
+class LayerDropRecipe(Section):
+    """How a layer-dropping model is fine-tuned from the teacher: what Presto-L and its ASE baseline share."""
+
+    lr: PositiveFloat
+    betas: tuple[Beta, Beta]
+    weight_decay: NonNegFloat
+    grad_clip: PositiveFloat
+    ema_decay: Beta
+    cond_dropout: Fraction
+    sigma: NoiseDistConfig  # training noise levels; each one is trained at the budget the schedule gives it
+    schedule: BudgetScheduleConfig
+
+
 class LayerDroppingParams(LatentLoopParams):
     """What the presto_l stage and its plain-ASE baseline, the ase stage, share (stages/presto_l.py,
     presto/distill/presto_l.py): one recipe and data, so the two differ only in what Presto-L changes."""
@@ -275,6 +471,58 @@ class PrestoLParams(Section):
 
 class AseParams(Section):
     nu_self_distill: NonNegFloat
+
+
+# Configs of Presto-S (presto/distill/presto_s.py) and its discriminator head (presto/models/disc_head.py).
+# Presto-S's noise roles, each naming one of PrestoSConfig.sigmas.
+ROLES = ("p_gen", "p_dmd", "p_dsm", "p_gan")
+
+
+class PrestoSConfig(Section):
+    """The method's knobs. Each of the four noise roles names one of `sigmas`, so that a row of the paper's
+    Table 1 ablation is a one-word change (e.g. p_dmd: inf)."""
+
+    sigmas: Annotated[dict[str, NoiseDistConfig], Field(min_length=1)]  # the distributions, by name
+    p_gen: str  # noise on real latents fed to G (paper: sigma^inf)
+    p_dmd: str  # re-noising G's output for the DMD gradient (paper: sigma^train)
+    p_dsm: str  # re-noising G's output to train the fake score (paper: sigma^train)
+    p_gan: str  # noise on real and generated latents for the discriminator (paper: sigma^train)
+    real_guidance: NonNegFloat  # plain-CFG scale w of the real score (paper: 4.5)
+    critic_updates_per_generator: PositiveInt  # paper: 5; fewer than 4 was unstable
+    nu_critic: NonNegFloat  # weight of the discriminator's LSGAN loss in the critic loss
+    nu_generator: NonNegFloat  # weight of the generator's LSGAN loss in the generator loss
+    generator_lr: PositiveFloat
+    critic_lr: PositiveFloat  # fake score and discriminator head
+    betas: tuple[Beta, Beta]  # Adam's (beta1, beta2)
+    max_grad_norm: PositiveFloat  # each optimiser step clips its gradient to this global norm
+    generator_ema_decay: Beta  # EMA of G's weights per generator update (the exported G); 0: G's last weights
+
+    @model_validator(mode="after")
+    def _roles_name_a_distribution(self) -> "PrestoSConfig":
+        for role in ROLES:
+            if getattr(self, role) not in self.sigmas:
+                raise ValueError(f"{role} = {getattr(self, role)!r} is not one of sigmas {sorted(self.sigmas)}")
+        return self
+
+    def noise_dist(self, role: str) -> NoiseDist:
+        """The distribution that `role` (one of ROLES) names."""
+        # Imported here, not at the top: params validation stays torch-free.
+        from presto.diffusion.noise import make_noise_dist
+
+        return make_noise_dist(self.sigmas[getattr(self, role)])
+
+
+class DiscHeadConfig(Section):
+    channels: PositiveInt  # conv channels of every block
+    n_blocks: PositiveInt  # conv blocks (paper: 4)
+    groups: PositiveInt  # GroupNorm groups
+    target_rate: PositiveFloat  # logits per second it aims at (paper: about 2.8)
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "DiscHeadConfig":
+        if self.channels % self.groups:
+            raise ValueError(f"channels {self.channels} must be a multiple of groups {self.groups}")
+        return self
 
 
 class PrestoSParams(Section):
@@ -469,15 +717,6 @@ class Params(Section):
         return self
 
 
-def bind_nested_sections() -> None:
-    """Resolve NESTED_SECTIONS in every params class of this module (idempotent; cheap after the first call)."""
-    namespace = {name: getattr(importlib.import_module(module), name) for name, module in NESTED_SECTIONS.items()}
-    sections = [v for v in globals().values() if isinstance(v, type) and issubclass(v, Section)]
-    for cls in sections:
-        if not cls.__pydantic_complete__:
-            cls.model_rebuild(_types_namespace=namespace)
-
-
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -495,7 +734,6 @@ def _format_error(source: str, err: ValidationError) -> str:
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    bind_nested_sections()
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

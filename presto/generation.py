@@ -24,19 +24,18 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor
 
-from presto.config import PositiveFloat, PositiveInt, Section
+from presto.config import SamplingRecipe
 from presto.data.latents import LATENT_STATS, TEXT_ENCODER, LatentStats
 from presto.diffusion.edm import Denoiser
 from presto.diffusion.guidance import CFGPlusPlus, ClassifierFreeGuidance, NFECounter
 from presto.distill.presto_l import SCHEDULE_FILE, BudgetedDenoiser, load_schedule
-from presto.diffusion.sampling import SAMPLERS, PerItemNoise, consistency_sigmas, karras_sigmas, sample
+from presto.diffusion.sampling import PerItemNoise, sample
 from presto.errors import InputError
 from presto.fast_path import CompileChoice, compile_for_inference, wants_compile
 from presto.models.checkpoint import load_model
@@ -56,39 +55,6 @@ MODEL_DIR = "model"
 # Latent frames decoded per VAE call. Each chunk is decoded with the VAE's full receptive field as context,
 # so the output equals a whole-clip decode (vae.decode_long); the chunk size only bounds memory.
 DECODE_CHUNK_FRAMES = 256
-
-
-class SamplingRecipe(Section):
-    """How to sample: sampler, step grid, guidance, and an optional layer budget per grid level."""
-
-    sampler: str
-    steps: PositiveInt
-    rho: PositiveFloat
-    sigma_min: PositiveFloat
-    sigma_max: PositiveFloat
-    guidance: Literal["cfgpp", "cfg", "none"]
-    scale: float  # CFG++: w in [0, 1] (paper 0.8); CFG: any finite w; ignored for none
-    budgets: Annotated[list[PositiveInt], Field(min_length=1)] | None  # one per step (Presto-L); None: all blocks
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SamplingRecipe":
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {sorted(SAMPLERS)}")
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
-        if self.guidance == "cfgpp" and not 0 <= self.scale <= 1:
-            raise ValueError(f"scale = {self.scale}: CFG++ takes w in [0, 1] (paper 0.8); "
-                             "a plain-CFG scale such as 4.5 needs guidance 'cfg'")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale = {self.scale} must be finite")
-        if self.budgets is not None and len(self.budgets) != self.steps:
-            raise ValueError(f"budgets has {len(self.budgets)} entries for {self.steps} steps: give one per step")
-        return self
-
-    def sigmas(self, device: torch.device | str = "cpu") -> Tensor:
-        """The step grid: the consistency sampler's levels for `consistency`, else Karras' rho grid to 0."""
-        grid = consistency_sigmas if self.sampler == "consistency" else karras_sigmas
-        return grid(self.steps, self.sigma_min, self.sigma_max, self.rho, device=device)
 
 
 def read_edm(path: str | Path) -> dict[str, float]:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from presto.config import TrainDiTParams, bind_nested_sections
+from presto.config import TrainDiTParams
 from presto.data.latents import LatentDataset, LatentStats, check_latents_fit, collate_latents
 from presto.diffusion.edm import Denoiser
 from presto.errors import InputError, PrestoError
@@ -132,7 +132,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    bind_nested_sections()
     params = TrainDiTParams.model_validate(config["params"])
     seed, tracker = config["seed"], config["tracker"]
     context = ray.train.get_context()

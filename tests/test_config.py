@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,27 @@ def test_impossible_values(section: str, key: str, value: object, allowed: str) 
     msg = error_of(data)
     assert allowed in msg
     assert section in msg
+
+
+def test_nested_sections_give_one_line_too() -> None:
+    data = raw()
+    data["train_dit"]["model"].update(width=30, heads=4)
+    msg = error_of(data)
+    assert "train_dit.model" in msg and "width 30 must be a multiple of heads 4" in msg
+    data = raw()
+    data["train_dit"]["sample_recipe"]["sampler"] = "ddim"
+    msg = error_of(data)
+    assert "train_dit.sample_recipe" in msg and "sampler 'ddim' is not one of" in msg and "'euler'" in msg
+
+
+def test_validating_params_imports_no_torch(repo: Path) -> None:
+    # Every stage process validates params first thing and needs no torch itself (its compute runs in Ray
+    # workers): importing torch there would cost seconds of CPU per stage.
+    code = ("import sys; from presto.config import load_params; "
+            f"load_params({str(repo / 'params.yaml')!r}); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False", "loading params.yaml imported torch"
 
 
 def test_missing_key() -> None:

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from presto.config import SAMPLER_NAMES
 from presto.diffusion.guidance import NFECounter
 from presto.diffusion.noise import rho_schedule
 from presto.diffusion.sampling import (
@@ -239,6 +240,11 @@ def test_sample_draws_the_start_from_the_noise_source_and_passes_options():
         sample("ddpm", mixture_denoiser, seeded_noise(3), (4, 3), sigmas, cond=None)
     with pytest.raises(ValueError, match="eta"):
         sample("dpmpp_3m_sde", mixture_denoiser, seeded_noise(3), (4, 3), sigmas, cond=None, eta=-1)
+
+
+def test_params_know_every_sampler_and_only_those():
+    # params validation checks sampler names without importing torch, against its own list
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0, 0.0], [5.0, 0.0, 0.0], [3.0]])

@@ -7,8 +7,8 @@ Presto-S uses four of them (p_gen, p_DMD, p_DSM, p_GAN), each a choice between
       u ~ U[0, 1],  sigma = (smax^(1/rho) + u (smin^(1/rho) - smax^(1/rho)))^rho.
 
 The paper calls the choice "critical" and ablates it (Table 1), so every role is a `NoiseDistConfig` in
-params.yaml: a row of the ablation is a params change, `make_noise_dist` turns it into an object with
-`sample(n, generator=None, device=None) -> Tensor` of shape (n,), float32.
+params.yaml (presto/config.py): a row of the ablation is a params change, `make_noise_dist` turns it into an
+object with `sample(n, generator=None, device=None) -> Tensor` of shape (n,), float32.
 
 Draws happen on the generator's device (the CPU one when no generator is given) and in float64, then move
 to `device`: a seed gives the same sigmas on any machine, and n scalars cost nothing to copy.
@@ -16,13 +16,12 @@ to `device`: a seed gives the same sigmas on any machine, and n scalars cost not
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol
+from typing import Protocol
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor
 
-from presto.config import PositiveFloat, Section
+from presto.config import InferenceSigmaConfig, MixtureSigmaConfig, NoiseDistConfig, TrainSigmaConfig
 
 
 def rho_schedule(u: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
@@ -128,63 +127,10 @@ class MixtureSigma:
         return sigma.to(device)
 
 
-# ---- params -------------------------------------------------------------------------------------------
+# ---- from params --------------------------------------------------------------------------------------
 
 
-class TrainSigmaConfig(Section):
-    """sigma^train (EDM log-normal, truncated to [sigma_min, sigma_max])."""
-
-    kind: Literal["train"]
-    p_mean: float
-    p_std: PositiveFloat
-    sigma_min: PositiveFloat
-    sigma_max: PositiveFloat
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "TrainSigmaConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
-        return self
-
-
-class InferenceSigmaConfig(Section):
-    """sigma^inf (continuous Karras schedule)."""
-
-    kind: Literal["inf"]
-    sigma_min: PositiveFloat
-    sigma_max: PositiveFloat
-    rho: PositiveFloat
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "InferenceSigmaConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
-        return self
-
-
-SingleSigmaConfig = Annotated[TrainSigmaConfig | InferenceSigmaConfig, Field(discriminator="kind")]
-
-
-class MixtureComponentConfig(Section):
-    weight: PositiveFloat
-    dist: SingleSigmaConfig
-
-
-class MixtureSigmaConfig(Section):
-    """A weighted mixture of train/inf distributions (the paper's "train/inf" entries)."""
-
-    kind: Literal["mixture"]
-    components: Annotated[list[MixtureComponentConfig], Field(min_length=1)]
-
-
-NoiseDistConfig = Annotated[
-    TrainSigmaConfig | InferenceSigmaConfig | MixtureSigmaConfig, Field(discriminator="kind")
-]
-"""One noise-level distribution in params.yaml, chosen by `kind`, e.g.
-`{kind: inf, sigma_min: 0.002, sigma_max: 80, rho: 7}`."""
-
-
-def make_noise_dist(cfg: TrainSigmaConfig | InferenceSigmaConfig | MixtureSigmaConfig) -> NoiseDist:
+def make_noise_dist(cfg: NoiseDistConfig) -> NoiseDist:
     if isinstance(cfg, TrainSigmaConfig):
         return LogNormalSigma(cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max)
     if isinstance(cfg, InferenceSigmaConfig):

@@ -31,15 +31,15 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from presto.config import Fraction, LayerDropMode, NonNegFloat, PositiveFloat, PositiveInt, Section
+from presto.config import BudgetScheduleConfig, LayerDropMode, LayerDropRecipe, NonNegFloat, Section
 from presto.diffusion.edm import Denoiser, loss_weight, per_item_sigma
-from presto.diffusion.noise import NoiseDistConfig, make_noise_dist
+from presto.diffusion.noise import make_noise_dist
 from presto.errors import InputError
 from presto.models.dit import DiT, DiTConfig
 from presto.models.ema import EMA
@@ -52,31 +52,9 @@ MODE_PARTS: dict[str, tuple[bool, bool]] = {"presto_l": (True, True), "ase": (Fa
                                             "embed_only": (True, False), "reroute_only": (False, True)}
 SCHEDULE_FORMAT = "presto-budget-schedule/1"
 SCHEDULE_FILE = "schedule.json"  # beside a budgeted model's model/ folder: the schedule it was trained with
-Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 # ---- the budget schedule --------------------------------------------------------------------------------
-
-
-class BudgetScheduleConfig(Section):
-    """Active blocks per noise band, counted out of `reference_depth`, lowest-noise band first."""
-
-    reference_depth: PositiveInt
-    budgets: Annotated[list[PositiveInt], Field(min_length=1)]
-    sigma_bounds: list[PositiveFloat]  # upper sigma of every band but the last (which is open above)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "BudgetScheduleConfig":
-        if len(self.sigma_bounds) != len(self.budgets) - 1:
-            raise ValueError(f"sigma_bounds has {len(self.sigma_bounds)} values; {len(self.budgets)} budgets need "
-                             f"{len(self.budgets) - 1} (every band but the highest has an upper bound)")
-        if any(a >= b for a, b in zip(self.sigma_bounds, self.sigma_bounds[1:])):
-            raise ValueError(f"sigma_bounds {self.sigma_bounds} must be strictly increasing")
-        if max(self.budgets) > self.reference_depth:
-            raise ValueError(f"budgets {self.budgets} must not exceed reference_depth = {self.reference_depth}")
-        if any(a < b for a, b in zip(self.budgets, self.budgets[1:])):
-            raise ValueError(f"budgets {self.budgets} must not increase with sigma (fewer blocks at higher noise)")
-        return self
 
 
 def scale_budget(budget: int, reference_depth: int, depth: int, minimum: int) -> int:
@@ -208,19 +186,6 @@ def presto_l_loss(
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------------------
-
-
-class LayerDropRecipe(Section):
-    """How a layer-dropping model is fine-tuned from the teacher: what Presto-L and its ASE baseline share."""
-
-    lr: PositiveFloat
-    betas: tuple[Beta, Beta]
-    weight_decay: NonNegFloat
-    grad_clip: PositiveFloat
-    ema_decay: Beta
-    cond_dropout: Fraction
-    sigma: NoiseDistConfig  # training noise levels; each one is trained at the budget the schedule gives it
-    schedule: BudgetScheduleConfig
 
 
 class PrestoLConfig(Section):

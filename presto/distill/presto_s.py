@@ -45,55 +45,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from presto.config import NonNegFloat, PositiveFloat, PositiveInt, Section
+from presto.config import ROLES, PrestoSConfig
 from presto.diffusion.edm import Denoiser, c_in, c_noise, edm_loss, per_item_sigma
-from presto.diffusion.noise import NoiseDist, NoiseDistConfig, make_noise_dist
+from presto.diffusion.noise import NoiseDist
 from presto.diffusion.sampling import DenoiseFn
 from presto.models.ema import EMA
 from presto.training.progress import check_finite
 from presto.training.state import load_state, save_state
-
-AdamBeta = Annotated[float, Field(ge=0, lt=1)]
-
-
-ROLES = ("p_gen", "p_dmd", "p_dsm", "p_gan")
-
-
-class PrestoSConfig(Section):
-    """The method's knobs. Each of the four noise roles names one of `sigmas`, so that a row of the paper's
-    Table 1 ablation is a one-word change (e.g. p_dmd: inf)."""
-
-    sigmas: Annotated[dict[str, NoiseDistConfig], Field(min_length=1)]  # the distributions, by name
-    p_gen: str  # noise on real latents fed to G (paper: sigma^inf)
-    p_dmd: str  # re-noising G's output for the DMD gradient (paper: sigma^train)
-    p_dsm: str  # re-noising G's output to train the fake score (paper: sigma^train)
-    p_gan: str  # noise on real and generated latents for the discriminator (paper: sigma^train)
-    real_guidance: NonNegFloat  # plain-CFG scale w of the real score (paper: 4.5)
-    critic_updates_per_generator: PositiveInt  # paper: 5; fewer than 4 was unstable
-    nu_critic: NonNegFloat  # weight of the discriminator's LSGAN loss in the critic loss
-    nu_generator: NonNegFloat  # weight of the generator's LSGAN loss in the generator loss
-    generator_lr: PositiveFloat
-    critic_lr: PositiveFloat  # fake score and discriminator head
-    betas: tuple[AdamBeta, AdamBeta]  # Adam's (beta1, beta2)
-    max_grad_norm: PositiveFloat  # each optimiser step clips its gradient to this global norm
-    generator_ema_decay: AdamBeta  # EMA of G's weights per generator update (the exported G); 0: G's last weights
-
-    @model_validator(mode="after")
-    def _roles_name_a_distribution(self) -> "PrestoSConfig":
-        for role in ROLES:
-            if getattr(self, role) not in self.sigmas:
-                raise ValueError(f"{role} = {getattr(self, role)!r} is not one of sigmas {sorted(self.sigmas)}")
-        return self
-
-    def noise_dist(self, role: str) -> NoiseDist:
-        """The distribution that `role` (one of ROLES) names."""
-        return make_noise_dist(self.sigmas[getattr(self, role)])
 
 
 # ---- the loss terms ------------------------------------------------------------------------------------

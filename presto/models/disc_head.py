@@ -18,27 +18,13 @@ import itertools
 import math
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from presto.config import PositiveFloat, PositiveInt, Section
+from presto.config import DiscHeadConfig
 
 
 # Strides above 4 would need kernels of 11+ frames; four blocks of stride <= 4 already reach 256x.
 MAX_STRIDE = 4
-
-
-class DiscHeadConfig(Section):
-    channels: PositiveInt  # conv channels of every block
-    n_blocks: PositiveInt  # conv blocks (paper: 4)
-    groups: PositiveInt  # GroupNorm groups
-    target_rate: PositiveFloat  # logits per second it aims at (paper: about 2.8)
-
-    @model_validator(mode="after")
-    def _groups_divide(self) -> "DiscHeadConfig":
-        if self.channels % self.groups:
-            raise ValueError(f"channels {self.channels} must be a multiple of groups {self.groups}")
-        return self
 
 
 def downsample_strides(frame_rate: float, target_rate: float, n_blocks: int) -> list[int]:

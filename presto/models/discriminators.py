@@ -13,26 +13,15 @@ Several FFT sizes trade time against frequency resolution, so no single resoluti
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from presto.config import PositiveInt, Section
+from presto.config import STFTDiscriminatorConfig
 
 # Negative slope of the LeakyReLU between layers (the usual GAN-discriminator choice).
 LEAKY_SLOPE = 0.2
-
-
-class STFTDiscriminatorConfig(Section):
-    """The `vae.discriminator` section of params.yaml."""
-
-    channels: PositiveInt  # width of every hidden layer
-    fft_sizes: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)]  # one sub-discriminator each
-    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # time dilation of each strided layer
 
 
 class STFTSubDiscriminator(nn.Module):

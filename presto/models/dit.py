@@ -28,10 +28,9 @@ import math
 from collections.abc import Collection, Sequence
 
 import torch
-from pydantic import model_validator
 from torch import nn
 
-from presto.config import PositiveFloat, PositiveInt, Section
+from presto.config import DiTConfig
 from presto.models.attention import apply_rotary, attention, rotary_tables
 from presto.text.condition import TextCondition
 
@@ -41,32 +40,6 @@ ROPE_BASE = 10000.0
 # (whose sine is monotone over the whole range) to 1000 (resolves steps of ~1e-3 in c_noise).
 NOISE_MAX_FREQ = 1000.0
 NORM_EPS = 1e-6
-
-
-class DiTConfig(Section):
-    latent_channels: PositiveInt
-    width: PositiveInt
-    depth: PositiveInt
-    heads: PositiveInt
-    mlp_ratio: PositiveFloat
-    text_dim: PositiveInt  # size of the text encoder's token states (384 for MiniLM-L6)
-    budget_conditioning: bool  # embed the layer budget into the adaLN conditioning (Presto-L)
-
-    @model_validator(mode="after")
-    def _heads_fit(self) -> "DiTConfig":
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
-        if (self.width // self.heads) % 2:
-            raise ValueError(f"width / heads = {self.width // self.heads} must be even (rotary positions)")
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
-    def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
 
 
 def layer_schedule(budget: int, depth: int, reroute: bool) -> list[int]:

@@ -20,15 +20,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from presto.config import PositiveInt, Section
+from presto.config import UpmixerConfig
 from presto.errors import InputError
 from presto.fast_path import CompileChoice, compile_for_inference, wants_compile
 from presto.models.checkpoint import load_model
@@ -36,25 +34,6 @@ from presto.models.vae import DecoderBlock, EncoderBlock, ResidualUnit, Snake, _
 
 MODEL_DIR = "model"  # a train_stereo out folder: the saved Upmixer (save_model) ...
 INFO_FILE = "upmixer.json"  # ... and {"sample_rate": the rate it was trained at}
-
-
-class UpmixerConfig(Section):
-    """Architecture of the upmixer (the `train_stereo.model` section of params.yaml)."""
-
-    channels: PositiveInt  # width C of the full-rate stage
-    channel_multipliers: Annotated[list[PositiveInt], Field(min_length=1)]  # stage i outputs C * m_i channels
-    strides: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)]  # downsampling per stage
-    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # one residual unit per dilation
-    kernel_size: Annotated[int, Field(ge=3)]  # odd, so padding is symmetric
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "UpmixerConfig":
-        if len(self.channel_multipliers) != len(self.strides):
-            raise ValueError(f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
-                             f"{len(self.strides)}: give one multiplier per stride (one per stage)")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
-        return self
 
 
 class Upmixer(nn.Module):

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from presto.config import PositiveInt, Section
+from presto.config import VAEConfig
 
 # Floor on the posterior std: keeps log(std) in the KL finite when the encoder pushes a channel to zero.
 MIN_STD = 1e-4
@@ -39,28 +37,6 @@ STD_SHIFT = -4.0
 # Floor on Snake's alpha: exp(log_alpha) underflows to 0 in float32 below log_alpha ~ -103, and 0/0 is NaN.
 # Near the floor snake(x) ~ x + alpha x^2, so the floor changes nothing measurable.
 SNAKE_MIN_ALPHA = 1e-9
-
-
-class VAEConfig(Section):
-    """Architecture of the audio VAE (the `vae.model` section of params.yaml)."""
-
-    channels: PositiveInt  # width C of the full-rate stage
-    channel_multipliers: Annotated[list[PositiveInt], Field(min_length=1)]  # stage i outputs C * m_i channels
-    strides: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=1)]  # downsampling per stage
-    latent_channels: PositiveInt
-    dilations: Annotated[list[PositiveInt], Field(min_length=1)]  # one residual unit per dilation
-    kernel_size: Annotated[int, Field(ge=3)]  # residual and stem/head convs; odd, so padding is symmetric
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "VAEConfig":
-        if len(self.channel_multipliers) != len(self.strides):
-            raise ValueError(
-                f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
-                f"{len(self.strides)}: give one multiplier per stride (one per stage)"
-            )
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
-        return self
 
 
 def _conv(c_in: int, c_out: int, kernel: int, dilation: int = 1) -> nn.Module:

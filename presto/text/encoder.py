@@ -10,11 +10,11 @@ from __future__ import annotations
 import unicodedata
 from collections import OrderedDict
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
-from presto.config import PositiveInt, Section
+from presto.config import TextEncoderConfig
 from presto.errors import InputError
 from presto.text.condition import TextCondition
 
@@ -22,12 +22,6 @@ MAX_PROMPT_CHARS = 2000
 # Prompts whose embeddings a Generator keeps: ~30 KB each for MiniLM at 20 tokens, at most 128 x 400 KB at its
 # 256-token limit.
 TEXT_CACHE_PROMPTS = 128
-
-
-class TextEncoderConfig(Section):
-    kind: Literal["minilm", "t5"]
-    path: str | None  # a local model folder; None: the packaged MiniLM (kind minilm only)
-    max_tokens: PositiveInt
 
 
 def clean_prompt(text: str | bytes) -> str:
