@@ -33,6 +33,20 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's betas, EMA decays
 
 
+def _check_sigma_range(section: Any) -> None:
+    if section.sigma_min >= section.sigma_max:
+        raise ValueError(f"sigma_min = {section.sigma_min} must be < sigma_max = {section.sigma_max}")
+
+
+def _check_conv_stages(section: Any) -> None:
+    """The strided conv stacks (VAE, upmixer): one channel multiplier per stride, an odd kernel."""
+    if len(section.channel_multipliers) != len(section.strides):
+        raise ValueError(f"channel_multipliers has {len(section.channel_multipliers)} entries and strides "
+                         f"{len(section.strides)}: give one multiplier per stride (one per stage)")
+    if section.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size = {section.kernel_size} must be odd (symmetric 'same' padding)")
+
+
 class Section(BaseModel):
     """A params section: no unknown keys, immutable. Lax types so that YAML's `1e-4` (a string to
     PyYAML) still reads as a number."""
@@ -157,13 +171,7 @@ class VAEConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "VAEConfig":
-        if len(self.channel_multipliers) != len(self.strides):
-            raise ValueError(
-                f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
-                f"{len(self.strides)}: give one multiplier per stride (one per stage)"
-            )
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
+        _check_conv_stages(self)
         return self
 
 
@@ -178,11 +186,7 @@ class UpmixerConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "UpmixerConfig":
-        if len(self.channel_multipliers) != len(self.strides):
-            raise ValueError(f"channel_multipliers has {len(self.channel_multipliers)} entries and strides "
-                             f"{len(self.strides)}: give one multiplier per stride (one per stage)")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size = {self.kernel_size} must be odd (symmetric 'same' padding)")
+        _check_conv_stages(self)
         return self
 
 
@@ -213,7 +217,7 @@ class TrainVAEParams(AudioGANParams):
     model: VAEConfig
     stft_weight: NonNegFloat
     kl_weight: NonNegFloat
-    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    ema_decay: Beta
     mel_fft_size: Annotated[int, Field(ge=16)]
     n_mels: PositiveInt
 
@@ -293,8 +297,7 @@ class SamplingRecipe(Section):
     def _consistent(self) -> "SamplingRecipe":
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(f"sampler {self.sampler!r} is not one of {sorted(SAMPLER_NAMES)}")
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        _check_sigma_range(self)
         if self.guidance == "cfgpp" and not 0 <= self.scale <= 1:
             raise ValueError(f"scale = {self.scale}: CFG++ takes w in [0, 1] (paper 0.8); "
                              "a plain-CFG scale such as 4.5 needs guidance 'cfg'")
@@ -339,10 +342,10 @@ class TrainDiTParams(LatentLoopParams):
     cond_dropout: Fraction
     lr: PositiveFloat
     warmup_steps: NonNegInt
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+    betas: tuple[Beta, Beta]
     weight_decay: NonNegFloat
     grad_clip: PositiveFloat
-    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    ema_decay: Beta
     samples: NonNegInt
     sample_seconds: PositiveFloat
     sample_recipe: SamplingRecipe
@@ -354,8 +357,7 @@ class TrainDiTParams(LatentLoopParams):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainDiTParams":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        _check_sigma_range(self)
         if self.use_gpu != (self.gpus_per_worker > 0):
             raise ValueError(f"use_gpu = {self.use_gpu} with gpus_per_worker = {self.gpus_per_worker}: "
                              "a GPU run needs gpus_per_worker > 0, a CPU run 0")
@@ -374,8 +376,7 @@ class TrainSigmaConfig(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "TrainSigmaConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        _check_sigma_range(self)
         return self
 
 
@@ -389,8 +390,7 @@ class InferenceSigmaConfig(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "InferenceSigmaConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min = {self.sigma_min} must be < sigma_max = {self.sigma_max}")
+        _check_sigma_range(self)
         return self
 
 

@@ -80,6 +80,25 @@ def test_nested_sections_give_one_line_too() -> None:
     assert "train_dit.sample_recipe" in msg and "sampler 'ddim' is not one of" in msg and "'euler'" in msg
 
 
+@pytest.mark.parametrize(("path", "value", "said"), [
+    ("train_dit.sigma_min", 100.0, "sigma_min = 100.0 must be < sigma_max = 80.0"),
+    ("train_dit.sample_recipe.sigma_max", 0.001, "sigma_min = 0.002 must be < sigma_max = 0.001"),
+    ("presto_s.method.sigmas.inf.sigma_min", 90.0, "sigma_min = 90.0 must be < sigma_max = 80.0"),
+    ("presto_s.method.sigmas.train.sigma_max", 0.002, "sigma_min = 0.002 must be < sigma_max = 0.002"),
+    ("train_vae.model.kernel_size", 4, "kernel_size = 4 must be odd"),
+    ("train_stereo.model.channel_multipliers", [1], "channel_multipliers has 1 entries and strides"),
+])
+def test_nested_ranges_and_conv_stages_are_checked(path: str, value: object, said: str) -> None:
+    data = raw()
+    *parents, key = path.split(".")
+    section = data
+    for name in parents:
+        section = section[name]
+    section[key] = value
+    msg = error_of(data)
+    assert said in msg and parents[0] in msg
+
+
 def test_validating_params_imports_no_torch(repo: Path) -> None:
     # Every stage process validates params first thing and needs no torch itself (its compute runs in Ray
     # workers): importing torch there would cost seconds of CPU per stage.
