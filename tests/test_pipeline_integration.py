@@ -10,14 +10,11 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,26 +102,6 @@ ONE_CPU = {section: {"resources": {"cpus": 1, "gpus": 0}}
            if isinstance(values, dict) and "resources" in values} | {"train_dit": {"cpus_per_worker": 1}}
 
 
-def _http_json(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 method="GET" if body is None else "POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @dataclass
 class SharedServices:
     env: dict[str, str]  # what points the pipeline at them
@@ -170,7 +147,7 @@ def _shared_services(project: Path) -> Iterator[SharedServices]:
     api = f"http://127.0.0.1:{ports['prefect']}/api"
     try:
         deadline = time.monotonic() + 240
-        while not (_listening(ports["gcs"]) and _answers(f"{api}/health")):
+        while not (loopback._port_open("127.0.0.1", ports["gcs"]) and loopback._status(f"{api}/health") == 200):
             assert ray.poll() is None and prefect.poll() is None and time.monotonic() < deadline, \
                 "\n".join((state / f"{n}.log").read_text()[-2000:] for n in ("ray", "prefect"))
             time.sleep(0.5)
@@ -208,7 +185,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
     with _shared_services(root) as shared:
         _run(["dvc", "repro", *LEAVES], root, env=shared.env)
         drivers = len(list(shared.ray_logs.glob("python-core-driver-*.log")))
-        flow_runs = _http_json(f"{shared.prefect_api}/flow_runs/filter", {})
+        flow_runs = loopback._post_json(f"{shared.prefect_api}/flow_runs/filter", {})
     return Build(root=root, ray_drivers=drivers, flow_runs=flow_runs)
 
 
@@ -412,10 +389,10 @@ def test_presto_ui_serves_the_runs(project: Path) -> None:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _answers(f"http://127.0.0.1:{port}/health"):
+        while loopback._status(f"http://127.0.0.1:{port}/health") != 200:
             assert ui.poll() is None and time.monotonic() < deadline, "presto ui did not answer within 120 s"
             time.sleep(1)
-        found = _http_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+        found = loopback._post_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", {"max_results": 10})
         assert "presto" in [e["name"] for e in found["experiments"]]
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
